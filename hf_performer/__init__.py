@@ -1,0 +1,57 @@
+"""hf_performer: Performer (kernel / linear attention) models as first-class Hugging Face Transformers models.
+
+Importing the package registers ``model_type="performer"`` with the Auto classes.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .cache_performer import PerformerCache
+from .configuration_performer import PerformerConfig
+from .feature_maps import (
+    FEATURE_MAPS,
+    FeatureMap,
+    RandomProjectionFeatureMap,
+    available_feature_maps,
+    get_feature_map_class,
+    register_feature_map,
+)
+from .modeling_performer import (
+    PerformerForCausalLM,
+    PerformerForSequenceClassification,
+    PerformerModel,
+    PerformerPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("performer", PerformerConfig, exist_ok=True)
+AutoModel.register(PerformerConfig, PerformerModel, exist_ok=True)
+AutoModelForCausalLM.register(PerformerConfig, PerformerForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(PerformerConfig, PerformerForSequenceClassification, exist_ok=True)
+
+# save_pretrained() copies the modeling code and writes `auto_map`, so checkpoints load with trust_remote_code=True
+# where hf_performer is not installed.
+PerformerConfig.register_for_auto_class()
+PerformerModel.register_for_auto_class("AutoModel")
+PerformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+PerformerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "PerformerConfig",
+    "PerformerModel",
+    "PerformerForCausalLM",
+    "PerformerForSequenceClassification",
+    "PerformerPreTrainedModel",
+    "PerformerCache",
+    "FeatureMap",
+    "RandomProjectionFeatureMap",
+    "FEATURE_MAPS",
+    "available_feature_maps",
+    "get_feature_map_class",
+    "register_feature_map",
+]
