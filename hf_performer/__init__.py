@@ -11,6 +11,7 @@ from transformers import (
 )
 
 from .cache_performer import PerformerCache
+from .callbacks import PerformerFeatureRedrawCallback
 from .configuration_performer import PerformerConfig
 from .feature_maps import (
     FEATURE_MAPS,
@@ -48,6 +49,7 @@ __all__ = [
     "PerformerForSequenceClassification",
     "PerformerPreTrainedModel",
     "PerformerCache",
+    "PerformerFeatureRedrawCallback",
     "FeatureMap",
     "RandomProjectionFeatureMap",
     "FEATURE_MAPS",
