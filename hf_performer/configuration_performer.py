@@ -105,6 +105,7 @@ class PerformerConfig(PreTrainedConfig):
         if self.axial_pos_embds_dim is not None:
             self.axial_pos_embds_dim = list(self.axial_pos_embds_dim)
         super().__post_init__(**kwargs)
+        self._check_fields()
 
     # -- derived values ------------------------------------------------------------------------------------------
     @property
@@ -119,13 +120,21 @@ class PerformerConfig(PreTrainedConfig):
     def scale(self) -> float:
         return self.head_dim**-0.25 if self.attention_scale is None else self.attention_scale
 
-    # -- validation (run at construction by @strict) -------------------------------------------------------------
-    def validate_architecture(self):
+    # -- validation (run at construction, plain ValueError / TypeError naming the field) ---------------------------
+    def _check_fields(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "ff_mult", "ff_chunks", "attention_chunk_size", "max_position_embeddings"):
             value = getattr(self, name)
-            if value is None or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.nb_features is not None and (not isinstance(self.nb_features, int) or isinstance(self.nb_features, bool)):
+            raise TypeError(f"nb_features must be an int or None, got {type(self.nb_features).__name__}")
+        if not isinstance(self.feature_map, str):
+            raise TypeError(f"feature_map must be a str, got {type(self.feature_map).__name__}")
+        if not isinstance(self.feature_map_kwargs, dict):
+            raise TypeError(f"feature_map_kwargs must be a dict, got {type(self.feature_map_kwargs).__name__}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
