@@ -318,7 +318,18 @@ class PerformerPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # we build a PerformerCache ourselves
+        return False  # a DynamicCache would never hand the layers their recurrent state
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() builds a PerformerCache up front (chunked prefill needs one before the first forward)."""
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported: Performer "
+                "models keep a constant-size recurrent PerformerCache (leave cache_implementation unset)"
+            )
+        model_kwargs["past_key_values"] = PerformerCache(self.config)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -431,6 +442,14 @@ class PerformerModel(PerformerPreTrainedModel):
             counted = counted + start.unsqueeze(1)
         return (counted - 1).clamp_min(0)
 
+    @staticmethod
+    def _next_position(attention_mask, position_ids, length, cache) -> torch.Tensor:
+        """(B,) position of each sequence's next token: real tokens seen so far (padding does not count)."""
+        if attention_mask is not None:
+            start = cache.position_offset if cache.position_offset is not None else 0
+            return start + attention_mask[:, -length:].long().sum(-1)
+        return position_ids[:, -1] + 1
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -503,7 +522,7 @@ class PerformerModel(PerformerPreTrainedModel):
 
         if cache is not None:
             cache.seen_tokens += length
-            cache.position_offset = position_ids[:, -1] + 1
+            cache.position_offset = self._next_position(attention_mask, position_ids, length, cache)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=cache if use_cache else None,

@@ -1,0 +1,216 @@
+"""The recurrent cache against the uncached forward pass, through hand-stepped forwards and through generate()."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, TextStreamer, pipeline
+
+from hf_performer import FEATURE_MAPS, PerformerCache, PerformerForCausalLM
+
+from conftest import tiny_config
+
+CAUSAL_MAPS = sorted([name for name, cls in FEATURE_MAPS.items() if cls.supports_causal] + ["exact"])
+
+
+def seeded_lm(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return PerformerForCausalLM(tiny_config(**overrides)).eval()
+
+
+def uncached_greedy(model, ids, new_tokens, attention_mask=None):
+    for _ in range(new_tokens):
+        logits = model(ids, attention_mask=attention_mask, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("feature_map", CAUSAL_MAPS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_incremental_decoding_equals_the_full_forward(feature_map, padded):
+    model = seeded_lm(feature_map=feature_map)
+    ids = torch.randint(3, 97, (3, 21))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :6] = 0
+        mask[2, :13] = 0
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    # prefill 9 tokens in one chunked forward, then one token at a time, then a 4-token chunk
+    cache = None
+    pieces = []
+    for start, stop in [(0, 9)] + [(t, t + 1) for t in range(9, 17)] + [(17, 21)]:
+        out = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        pieces.append(out.logits)
+    stepped = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 21
+
+
+def test_cache_memory_is_constant_in_context_length():
+    model = seeded_lm()
+    sizes = []
+    for length in (8, 64, 256):
+        out = model(torch.randint(3, 97, (1, length)), use_cache=True)
+        sizes.append(out.past_key_values.nbytes())
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+def test_exact_layers_cache_grows_with_context():
+    """The A/B softmax model keeps a real KV cache: the contrast to the constant kernel state above."""
+    model = seeded_lm(feature_map="exact")
+    small = model(torch.randint(3, 97, (1, 8)), use_cache=True).past_key_values.nbytes()
+    large = model(torch.randint(3, 97, (1, 64)), use_cache=True).past_key_values.nbytes()
+    assert large > small
+
+
+@pytest.mark.parametrize("feature_map", ["favor+", "relu", "exact"])
+def test_greedy_generate_equals_argmax_loop_over_uncached_forwards(feature_map):
+    model = seeded_lm(seed=1, feature_map=feature_map)
+    ids = torch.randint(3, 97, (2, 7))
+    generated = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(generated, uncached_greedy(model, ids, 12))
+
+
+def test_generate_sees_the_whole_prompt_in_the_first_forward():
+    model = seeded_lm(seed=2)
+    lengths = []
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    model.generate(torch.randint(3, 97, (1, 30)), max_new_tokens=5, do_sample=False, eos_token_id=None)
+    handle.remove()
+    assert lengths == [30, 1, 1, 1, 1]
+
+
+def test_generate_returns_a_performer_cache():
+    model = seeded_lm(seed=3)
+    out = model.generate(torch.randint(3, 97, (2, 6)), max_new_tokens=4, do_sample=False, eos_token_id=None,
+                         return_dict_in_generate=True, output_scores=True)
+    assert isinstance(out.past_key_values, PerformerCache)
+    assert out.past_key_values.get_seq_length() == 6 + 4 - 1  # the last token is never fed back
+    assert len(out.scores) == 4
+
+
+def test_sampling_with_and_without_cache_agree():
+    model = seeded_lm(seed=4)
+    ids = torch.randint(3, 97, (2, 5))
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        runs.append(model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+                                   use_cache=use_cache, eos_token_id=None))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("num_return_sequences", [1, 2])
+def test_beam_search_with_and_without_cache_agree(num_return_sequences):
+    model = seeded_lm(seed=5)
+    ids = torch.randint(3, 97, (2, 6))
+    kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, num_return_sequences=num_return_sequences,
+                  eos_token_id=None)
+    assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_num_return_sequences_with_sampling_and_cache():
+    model = seeded_lm(seed=6)
+    ids = torch.randint(3, 97, (2, 5))
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        runs.append(model.generate(ids, max_new_tokens=6, do_sample=True, num_return_sequences=3,
+                                   use_cache=use_cache, eos_token_id=None))
+    assert runs[0].shape == (6, 11) and torch.equal(runs[0], runs[1])
+
+
+def test_left_padded_batch_generation_equals_per_example_generation():
+    model = seeded_lm(seed=8)
+    prompts = [torch.randint(3, 97, (n,)) for n in (9, 4, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((3, width), model.config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=10, do_sample=False, eos_token_id=None)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt):])
+
+
+def test_eos_stops_and_pads_finished_rows():
+    model = seeded_lm(seed=9)
+    ids = torch.randint(3, 97, (2, 5))
+    free = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    eos = int(free[0, 7])  # the third generated token of row 0 becomes the stop token
+    stopped = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    first_stop = (free[0, 5:] == eos).nonzero()[0].item() + 5
+    assert torch.equal(stopped[0, : first_stop + 1], free[0, : first_stop + 1])
+    assert (stopped[0, first_stop + 1:] == 0).all()
+
+
+def test_text_streamer_streams_the_generated_text(capsys):
+    model = seeded_lm(seed=10, vocab_size=384)
+    tokenizer = ByT5Tokenizer()
+    ids = tokenizer("Hello", return_tensors="pt").input_ids[:, :-1]  # drop </s>
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, streamer=TextStreamer(tokenizer),
+                         eos_token_id=None)
+    printed = capsys.readouterr().out
+    assert printed.startswith("Hello")
+    assert printed.strip() == tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_prefill_chunk_size_equals_single_prefill():
+    model = seeded_lm(seed=11)
+    ids = torch.randint(3, 97, (1, 40))
+    whole = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    chunked = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, prefill_chunk_size=16)
+    assert torch.equal(whole, chunked)
+
+
+def test_continuing_from_a_returned_cache():
+    model = seeded_lm(seed=12)
+    ids = torch.randint(3, 97, (1, 8))
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    more = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=5,
+                          do_sample=False, eos_token_id=None)
+    assert torch.equal(more, uncached_greedy(model, ids, 10))
+
+
+def test_assisted_decoding_is_refused_clearly():
+    model, assistant = seeded_lm(seed=13), seeded_lm(seed=14)
+    with pytest.raises(ValueError, match="stateful|cropped|rolled back"):
+        model.generate(torch.randint(3, 97, (1, 5)), assistant_model=assistant, max_new_tokens=4, do_sample=False)
+
+
+def test_cache_cannot_be_cropped():
+    model = seeded_lm(seed=15)
+    cache = model(torch.randint(3, 97, (1, 6)), use_cache=True).past_key_values
+    cache.crop(0)  # forgetting nothing is allowed
+    with pytest.raises(ValueError, match="cannot be cropped"):
+        cache.crop(2)
+
+
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_text_generation_pipeline_on_a_saved_checkpoint(tmp_path, trust_remote_code):
+    model = seeded_lm(seed=16, vocab_size=384)
+    tokenizer = ByT5Tokenizer()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=trust_remote_code)
+    generator = pipeline("text-generation", model=loaded, tokenizer=tokenizer)
+    text = generator("Performer", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    ids = tokenizer("Performer", return_tensors="pt").input_ids
+    expected = tokenizer.decode(uncached_greedy(model, ids, 8)[0], skip_special_tokens=True)
+    assert text.startswith("Performer") and text == expected
+
+
+def test_pipeline_batches_left_padded_prompts(tmp_path):
+    model = seeded_lm(seed=17, vocab_size=384)
+    tokenizer = ByT5Tokenizer(padding_side="left")
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["a much longer prompt", "hi"]
+    batched = generator(prompts, max_new_tokens=6, do_sample=False, batch_size=2)
+    alone = [generator(p, max_new_tokens=6, do_sample=False)[0] for p in prompts]
+    assert [b[0]["generated_text"] for b in batched] == [a["generated_text"] for a in alone]
