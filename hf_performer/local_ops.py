@@ -1,0 +1,146 @@
+"""Banded attention: each query sees only keys near it, at O(N * window) cost, never an N x N mask.
+
+Two users:
+  * ``sliding_window_attention``: exact softmax local heads (the Performer reference mixes them with kernel heads).
+  * ``windowed_kernel_attention``: TF KernelAttention's ``use_causal_windowed`` (Performer chunks, arXiv
+    2009.14794 sec. "causal windowed"): kernel scores, chunk-level causality, optional exponential decay.
+
+Both accept keys that start with a cached prefix: ``k``/``v`` have length S = P + N where the last N belong to the
+N queries, so streaming decoding runs the same code as training. Windows are decided by token positions (which
+count real tokens only), so left- or right-padding does not move them; real tokens are assumed contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_windows(x: torch.Tensor, start: int, step: int, size: int, count: int) -> torch.Tensor:
+    """Windows ``x[..., start + b*step : start + b*step + size, :]`` for b < count, zero outside x.
+
+    x: (B, H, S, D) -> (B, H, count, size, D). Uses ``unfold`` (a strided view), so no data is copied twice.
+    """
+    length = x.shape[-2]
+    left = max(0, -start)
+    needed = start + (count - 1) * step + size
+    right = max(0, needed - length)
+    x = F.pad(x, (0, 0, left, right))
+    x = x[..., start + left : start + left + (count - 1) * step + size, :]
+    return x.unfold(-2, size, step).transpose(-1, -2)  # (B, H, count, size, D)
+
+
+def _blocks(x: torch.Tensor, block: int, count: int) -> torch.Tensor:
+    """(B, H, N, D) -> (B, H, count, block, D), zero-padded at the end."""
+    pad = count * block - x.shape[-2]
+    return F.pad(x, (0, 0, 0, pad)).unflatten(-2, (count, block))
+
+
+def _window_layout(queries: int, keys: int, block: int, back: int, forward: int):
+    """Query block b holds queries [b*block, (b+1)*block); they need keys back..forward of them, i.e. key indices
+    [P + b*block - back, P + (b+1)*block - 1 + forward] where P = keys - queries is the cached prefix."""
+    prefix = keys - queries
+    count = max(1, -(-queries // block))
+    return prefix - back, back + block + forward, count
+
+
+def _gather_side(q_positions, k_positions, key_mask, block, start, size, count):
+    """Positions of the queries (B, 1, n, block, 1), of their window keys (B, 1, n, 1, W) and the key validity."""
+    q_pos = _blocks(q_positions[:, None, :, None].float(), block, count)  # (B, 1, n, block, 1)
+    k_pos = gather_windows(k_positions[:, None, :, None].float(), start, block, size, count)  # (B, 1, n, W, 1)
+    valid = gather_windows(key_mask[:, None, :, None].float(), start, block, size, count)  # 0 outside
+    return q_pos, k_pos.transpose(-1, -2), valid.transpose(-1, -2) > 0.5
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    causal: bool,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention restricted to a window of ``window`` tokens.
+
+    Causal: query at position p sees keys at positions p - window + 1 ... p. Bidirectional: |p - p_k| < window.
+    q (B, H, N, d); k, v (B, H, S, d) with S >= N (a cached prefix first); positions (B, N) and (B, S);
+    key_mask (B, S) bool. A query that sees no key outputs 0.
+    """
+    batch, heads, length, dim = q.shape
+    keys = k.shape[-2]
+    scale = dim**-0.5 if scale is None else scale
+    if key_mask is None:
+        key_mask = torch.ones(batch, keys, dtype=torch.bool, device=q.device)
+    back, forward = window - 1, (0 if causal else window - 1)
+    start, size, count = _window_layout(length, keys, window, back, forward)
+    qb = _blocks(q, window, count)  # (B, H, n, w, d)
+    kw = gather_windows(k, start, window, size, count)  # (B, H, n, W, d)
+    vw = gather_windows(v, start, window, size, count)  # (B, H, n, W, d)
+    q_pos, k_pos, valid = _gather_side(q_positions, k_positions, key_mask, window, start, size, count)
+    distance = q_pos - k_pos  # (B, 1, n, w, W)
+    allowed = valid & (distance.abs() < window)
+    if causal:
+        allowed = allowed & (distance >= 0)
+    scores = (qb @ kw.transpose(-1, -2)).float() * scale  # (B, H, n, w, W)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has_key = allowed.any(-1, keepdim=True)
+    weights = torch.where(has_key, scores, torch.zeros_like(scores)).softmax(-1) * has_key
+    out = weights.to(vw.dtype) @ vw  # (B, H, n, w, d)
+    return out.flatten(2, 3)[:, :, :length]
+
+
+def windowed_kernel_attention(
+    q_features: torch.Tensor,
+    k_features: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    chunk_length: int,
+    window_length: int,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    k_log_scale: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    decay: float | None = None,
+) -> torch.Tensor:
+    """TF KernelAttention's causal windowed attention, exactly and at O(N * window * chunk) cost.
+
+    Positions are cut into chunks of ``chunk_length``; a query in chunk i sees every key of chunks
+    i - window_length + 1 ... i (inside its own chunk in both directions, as in TF), with weight
+    ``decay ** (i - j)`` for a key in chunk j when ``decay`` is set. With chunk_length = 1 it is causal at the token
+    level: a sliding window of ``window_length`` tokens of kernel attention, which streams token by token.
+    Features as from a FeatureMap: keys divided by exp(k_log_scale) (stabilised here per window).
+    """
+    batch, heads, length, _ = q_features.shape
+    keys = k_features.shape[-2]
+    if key_mask is None:
+        key_mask = torch.ones(batch, keys, dtype=torch.bool, device=q_features.device)
+    back = window_length * chunk_length
+    start, size, count = _window_layout(length, keys, chunk_length, back, chunk_length - 1)
+    v_aug = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1).float()], dim=-1)
+    qb = _blocks(q_features.float(), chunk_length, count)  # (B, H, n, C, m)
+    kw = gather_windows(k_features.float(), start, chunk_length, size, count)  # (B, H, n, W, m)
+    vw = gather_windows(v_aug, start, chunk_length, size, count)  # (B, H, n, W, d+1)
+    q_pos, k_pos, valid = _gather_side(q_positions, k_positions, key_mask, chunk_length, start, size, count)
+    chunk_gap = torch.div(q_pos, chunk_length, rounding_mode="floor") - torch.div(
+        k_pos, chunk_length, rounding_mode="floor"
+    )  # (B, 1, n, C, W)
+    allowed = valid & (chunk_gap >= 0) & (chunk_gap < window_length)
+    weights = allowed.float()
+    if decay is not None:
+        weights = weights * torch.pow(torch.tensor(float(decay)), chunk_gap.clamp_min(0))
+    scores = qb @ kw.transpose(-1, -2)  # (B, H, n, C, W)
+    if k_log_scale is not None:
+        log_scale = gather_windows(k_log_scale.float().unsqueeze(-1), start, chunk_length, size, count)
+        log_scale = log_scale.transpose(-1, -2)  # (B, H, n, 1, W)
+        masked = log_scale.masked_fill(~allowed, float("-inf"))
+        shift = masked.amax(-1, keepdim=True)  # per query: cancels in its normaliser
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        weights = weights * torch.exp(masked - shift)
+    out_aug = (scores * weights) @ vw  # (B, H, n, C, d+1)
+    numerator, normaliser = out_aug[..., :-1], out_aug[..., -1:]
+    out = numerator / torch.where(normaliser.abs() > 1e-30, normaliser, torch.ones_like(normaliser))
+    return out.flatten(2, 3)[:, :, :length].to(v.dtype)
