@@ -4,13 +4,21 @@ Every map is an ``nn.Module`` with the fast-transformers interface:
 
 * ``new_feature_map(generator=None)`` draws all randomness (random maps only); after it, every ``forward_*`` call
   uses the same features, so queries and keys are always compatible.
-* ``forward_queries(x)`` / ``forward_keys(x)`` return the plain features (``phi(q) @ phi(k).T`` approximates the
-  kernel); symmetric maps only implement ``forward``.
+* ``forward_queries(x)`` / ``forward_keys(x)`` return the plain per-token features (``phi(q) @ phi(k).T`` is the
+  kernel estimate); symmetric maps only implement ``forward``.
 * ``factory(**kwargs)`` returns a callable ``head_dim -> FeatureMap``.
 
-Attention code does not use the plain features of exponential maps (they overflow); it calls
-``query_features`` / ``key_features``, which return features stabilised per token together with the per-token log
-scale that was divided out of each key (see ``ops.py`` for how the scale is carried exactly through causal sums).
+Attention code calls ``attention_features(q, k, key_mask=..., query_mask=..., causal=...)``. It returns query
+features up to a positive per-query factor (which cancels in the attention normaliser), key features divided by a
+per-token scale, and that scale's log (or None). Exponential maps (``exponential = True``) implement log-features
+(``query_logits`` / ``key_logits``) so nothing overflows; ``ops.py`` carries the key scale exactly through causal
+sums. ``kernel_features(q, k, ...)`` returns the same features unstabilised, for tests and for users who want the
+kernel itself.
+
+Two maps use statistics of the whole sequence, so their features of one token depend on the other tokens:
+``favor++`` (its coefficients come from the query and key norms) and ``softmax_no_projection`` when bidirectional
+(keys are a softmax over the sequence). They override ``attention_features`` / ``kernel_features``; padding is
+kept out of their statistics through ``key_mask`` / ``query_mask`` ((B, S) / (B, N), 1 = real token).
 
 Inputs are expected already scaled (the attention layer multiplies q and k by ``d ** -0.25`` each, so that the
 softmax kernel exp(q . k) is the usual exp(q . k / sqrt(d))).
@@ -24,6 +32,25 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _weights(mask: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """A (B, S) 0/1 mask as float weights broadcastable against x (B, [H,] S, d): (B, [1,] S, 1)."""
+    if mask is None:
+        return None
+    if x.dim() < 3 or tuple(mask.shape) != (x.shape[0], x.shape[-2]):
+        raise ValueError(
+            f"{name} must have shape (batch, length) = {(x.shape[0], x.shape[-2]) if x.dim() >= 3 else '?'}, "
+            f"got {tuple(mask.shape)} for inputs of shape {tuple(x.shape)}"
+        )
+    keep = mask.to(device=x.device, dtype=torch.float32)
+    return keep.reshape(x.shape[0], *([1] * (x.dim() - 3)), x.shape[-2], 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,19 +70,17 @@ def gaussian_projection(
 
     Orthogonal random features (Performer, arXiv 2009.14794, sec. 2.4): stack blocks of Haar-random orthogonal
     matrices and give each row the norm of a Gaussian vector (``chi``), or sqrt(dim) (``sqrt_d``, "regularised").
+    With ``chi`` every row is marginally N(0, I), so every estimator below stays unbiased.
     """
     if norm_scaling not in ("chi", "sqrt_d"):
         raise ValueError(f"norm_scaling must be 'chi' or 'sqrt_d', got {norm_scaling!r}")
     if not orthogonal:
         return torch.randn(num_features, dim, generator=generator)
-    blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        gaussian = torch.randn(dim, dim, generator=generator)
-        q, r = torch.linalg.qr(gaussian)
-        # Sign fix makes q Haar-distributed (Mezzadri, arXiv math-ph/0609050).
-        q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-        blocks.append(q.T)
-    directions = torch.cat(blocks)[:num_features]  # (m, d), unit rows
+    gaussian = torch.randn(math.ceil(num_features / dim), dim, dim, generator=generator)  # (blocks, d, d)
+    q, r = torch.linalg.qr(gaussian)  # one batched call: small QRs are dominated by per-call threading overhead
+    # Sign fix makes q Haar-distributed (Mezzadri, arXiv math-ph/0609050).
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    directions = q.transpose(-1, -2).reshape(-1, dim)[:num_features]  # (m, d), unit rows
     if norm_scaling == "chi":
         norms = torch.randn(num_features, dim, generator=generator).norm(dim=1)
     else:
@@ -79,8 +104,9 @@ class FeatureMap(nn.Module):
     Class attributes describe the map to the attention code:
       ``exponential``: features are exp(logits); attention stabilises them in log space (subclass implements
       ``query_logits`` / ``key_logits`` instead of ``forward``).
-      ``approximates_softmax``: the kernel is (an estimate of) exp(q . k).
+      ``approximates_softmax``: the kernel is (an unbiased estimate of) exp(q . k).
       ``supports_causal``: the map can be used in causal attention (no statistics over the whole sequence).
+      ``is_random``: the map draws random parameters in ``new_feature_map``.
     """
 
     exponential: bool = False
@@ -90,7 +116,7 @@ class FeatureMap(nn.Module):
 
     def __init__(self, head_dim: int, **kwargs):
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim <= 0:
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unexpected options: {sorted(kwargs)}")
@@ -108,17 +134,17 @@ class FeatureMap(nn.Module):
     def new_feature_map(self, generator: torch.Generator | None = None) -> None:
         """Draw new random parameters (no-op for deterministic maps)."""
 
-    # -- plain features ------------------------------------------------------------------------------------------
+    # -- plain per-token features --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exponential:
-            raise NotImplementedError  # use forward_queries / forward_keys
+            raise NotImplementedError(f"{type(self).__name__} is asymmetric: use forward_queries / forward_keys")
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 
     def forward_queries(self, x: torch.Tensor) -> torch.Tensor:
-        return self.query_logits(x).exp() if self.exponential else self(x)
+        return self.query_logits(x.float()).exp() if self.exponential else self(x)
 
     def forward_keys(self, x: torch.Tensor) -> torch.Tensor:
-        return self.key_logits(x).exp() if self.exponential else self(x)
+        return self.key_logits(x.float()).exp() if self.exponential else self(x)
 
     # -- exponential maps: log-features --------------------------------------------------------------------------
     def query_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,17 +153,27 @@ class FeatureMap(nn.Module):
     def key_logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- what attention uses -------------------------------------------------------------------------------------
+    @staticmethod
+    def stabilise_queries(logits: torch.Tensor) -> torch.Tensor:
+        """exp(logits) divided by its largest entry per query: a positive per-query factor, which cancels."""
+        return torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
+
+    @staticmethod
+    def stabilise_keys(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """exp(logits) divided by its largest entry per key, and the log of that entry (..., S)."""
+        log_scale = logits.amax(dim=-1).detach()  # (..., S)
+        return torch.exp(logits - log_scale.unsqueeze(-1)), log_scale
+
+    # -- per-token features as attention uses them ---------------------------------------------------------------
     def query_features(self, x: torch.Tensor) -> torch.Tensor:
         """Query features up to a positive per-query factor (which cancels in the attention normaliser)."""
         x = x.float()
         if not self.exponential:
             return self.forward_queries(x)
-        logits = self.query_logits(x)  # (..., N, m)
-        return torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
+        return self.stabilise_queries(self.query_logits(x))  # (..., N, m)
 
     def key_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Key features divided by exp(log_scale) per token, and that log scale ((..., N), or None).
+        """Key features divided by exp(log_scale) per token, and that log scale ((..., S), or None).
 
         The true key feature is ``features * exp(log_scale)[..., None]``; the attention ops carry the scale
         through their sums with a running maximum so nothing overflows and nothing from the future leaks in.
@@ -145,9 +181,45 @@ class FeatureMap(nn.Module):
         x = x.float()
         if not self.exponential:
             return self.forward_keys(x), None
-        logits = self.key_logits(x)  # (..., N, m)
-        log_scale = logits.amax(dim=-1).detach()  # (..., N)
-        return torch.exp(logits - log_scale.unsqueeze(-1)), log_scale
+        return self.stabilise_keys(self.key_logits(x))  # (..., S, m), (..., S)
+
+    # -- whole attention calls -----------------------------------------------------------------------------------
+    def check_causal(self, causal: bool) -> None:
+        if causal and not self.supports_causal:
+            raise ValueError(
+                f"{type(self).__name__} uses statistics of the whole sequence and cannot be causal "
+                "(the features of a token would depend on future tokens); use causal=False"
+            )
+
+    def attention_features(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        key_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Float32 features for one attention call: q (..., N, d), k (..., S, d) -> q_features (..., N, m),
+        k_features (..., S, m), k_log_scale (..., S) or None. See ``query_features`` / ``key_features``.
+
+        Per-token maps ignore the masks (``ops`` removes masked keys); maps with sequence statistics use them.
+        """
+        self.check_causal(causal)
+        return (self.query_features(q), *self.key_features(k))
+
+    def kernel_features(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        key_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unstabilised phi(q), phi(k) of one attention call: ``phi(q) @ phi(k).T`` is the kernel (estimate)."""
+        self.check_causal(causal)
+        return self.forward_queries(q.float()), self.forward_keys(k.float())
 
 
 class RandomProjectionFeatureMap(FeatureMap):
@@ -166,10 +238,11 @@ class RandomProjectionFeatureMap(FeatureMap):
     ):
         super().__init__(head_dim, **kwargs)
         num_features = default_num_features(head_dim) if num_features is None else num_features
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        _check_positive_int("num_features", num_features)
         if norm_scaling not in ("chi", "sqrt_d"):
             raise ValueError(f"norm_scaling must be 'chi' or 'sqrt_d', got {norm_scaling!r}")
+        if not isinstance(orthogonal, bool):
+            raise TypeError(f"orthogonal must be a bool, got {orthogonal!r}")
         self.num_random_features = num_features
         self.orthogonal = orthogonal
         self.norm_scaling = norm_scaling
@@ -201,14 +274,32 @@ class RandomProjectionFeatureMap(FeatureMap):
 
     def extra_repr(self) -> str:
         return (
-            f"head_dim={self.head_dim}, num_features={self.num_random_features}, "
+            f"head_dim={self.head_dim}, num_features={self.num_features}, "
             f"orthogonal={self.orthogonal}, norm_scaling={self.norm_scaling!r}"
         )
 
 
+class PairedProjectionFeatureMap(RandomProjectionFeatureMap):
+    """A map whose features come in pairs per projection ([exp(u), exp(-u)], [cos u, sin u]). ``num_features``
+    counts output features, as in fast-transformers, so maps compare at equal cost: ceil(m / 2) projections."""
+
+    def __init__(self, head_dim: int, num_features: int | None = None, **kwargs):
+        num_features = default_num_features(head_dim) if num_features is None else num_features
+        _check_positive_int("num_features", num_features)
+        super().__init__(head_dim, num_features=-(-num_features // 2), **kwargs)
+
+    @property
+    def num_features(self) -> int:
+        return 2 * self.num_random_features
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Maps
+# Softmax-kernel estimators
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _half_sq_norm(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x.pow(2).sum(dim=-1, keepdim=True)  # (..., N, 1)
 
 
 class FavorPlusFeatureMap(RandomProjectionFeatureMap):
@@ -220,8 +311,7 @@ class FavorPlusFeatureMap(RandomProjectionFeatureMap):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        half_sq_norm = 0.5 * x.pow(2).sum(dim=-1, keepdim=True)  # (..., N, 1)
-        return self.project(x) - half_sq_norm - 0.5 * math.log(self.num_random_features)
+        return self.project(x) - _half_sq_norm(x) - 0.5 * math.log(self.num_random_features)
 
     def query_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self._logits(x)
@@ -230,10 +320,228 @@ class FavorPlusFeatureMap(RandomProjectionFeatureMap):
         return self._logits(x)
 
 
+class FavorPlusPlusFeatureMap(RandomProjectionFeatureMap):
+    """FAVOR++: optimised positive random features, OPRF of "Chefs' Random Tables" (arXiv 2205.15317, sec. 3).
+
+    phi(x) = D exp(A |w|^2 + B w.x - |x|^2 / 2) / sqrt(m) with B = sqrt(1 - 4A), D = (1 - 4A)^(d/4) is unbiased for
+    exp(q . k) for every A < 1/8 (A = 0 is FAVOR+). The A minimising the mean log second moment over all (q, k)
+    pairs of a sequence solves d u^2 - (d + 2 rho) u - 2 rho = 0 with u = 1 - 8A, rho = mean_ij |q_i + k_j|^2:
+    A = (1 - u) / 8 <= 0. rho is a statistic of the whole sequence (per batch row and head), so the map cannot be
+    causal; padded tokens are left out of it through ``key_mask`` / ``query_mask``. A is treated as a constant
+    (no gradient through it), as in TF's ``expplus``.
+    """
+
+    exponential = True
+    approximates_softmax = True
+    supports_causal = False
+
+    def coefficient(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        key_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The optimal A per batch row and head: (..., 1, 1)."""
+        q, k = q.detach().float(), k.detach().float()
+        q_sq, q_mean = self._moments(q, _weights(query_mask, q, "query_mask"))
+        k_sq, k_mean = self._moments(k, _weights(key_mask, k, "key_mask"))
+        rho = q_sq + k_sq + 2.0 * (q_mean * k_mean).sum(dim=-1, keepdim=True)  # (..., 1, 1)
+        rho = rho.clamp_min(0.0)
+        d = float(self.head_dim)
+        u = ((d + 2 * rho) + torch.sqrt((d + 2 * rho) ** 2 + 8 * d * rho)) / (2 * d)  # >= 1
+        return (1.0 - u) / 8.0
+
+    @staticmethod
+    def _moments(x: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean of |x|^2 (..., 1, 1) and mean of x (..., 1, d) over the real tokens of x (..., N, d)."""
+        if weights is None:
+            weights = torch.ones_like(x[..., :1])
+        count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)  # (..., 1, 1)
+        mean_sq = (x.pow(2).sum(dim=-1, keepdim=True) * weights).sum(dim=-2, keepdim=True) / count
+        mean = (x * weights).sum(dim=-2, keepdim=True) / count
+        return mean_sq, mean
+
+    def logits(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """log phi(x) for a given A (..., 1, 1): (..., N, d) -> (..., N, m). Same formula for queries and keys."""
+        x = x.float()
+        one_minus_4a = 1.0 - 4.0 * a  # (..., 1, 1)
+        w_sq = self.projection.float().pow(2).sum(dim=-1)  # (m,)
+        return (
+            0.25 * self.head_dim * torch.log(one_minus_4a)
+            + a * w_sq
+            + torch.sqrt(one_minus_4a) * self.project(x)
+            - _half_sq_norm(x)
+            - 0.5 * math.log(self.num_random_features)
+        )
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "favor++ features depend on statistics of both queries and keys: use "
+            "attention_features(q, k, ...) or kernel_features(q, k, ...)"
+        )
+
+    key_logits = query_logits
+
+    def attention_features(self, q, k, *, key_mask=None, query_mask=None, causal=False):
+        self.check_causal(causal)
+        a = self.coefficient(q, k, key_mask=key_mask, query_mask=query_mask)
+        return (self.stabilise_queries(self.logits(q, a)), *self.stabilise_keys(self.logits(k, a)))
+
+    def kernel_features(self, q, k, *, key_mask=None, query_mask=None, causal=False):
+        self.check_causal(causal)
+        a = self.coefficient(q, k, key_mask=key_mask, query_mask=query_mask)
+        return self.logits(q, a).exp(), self.logits(k, a).exp()
+
+
+class HyperbolicFeatureMap(PairedProjectionFeatureMap):
+    """Hyperbolic positive features (arXiv 2009.14794, Lemma 1, second estimator; fast-transformers ``Favor``):
+    phi(x) = exp(-|x|^2 / 2) [exp(W x), exp(-W x)] / sqrt(2 m'), an antithetic pair per projection w, so that
+    E[phi(q) . phi(k)] = E[cosh(w . (q + k))] exp(-|q|^2/2 - |k|^2/2) = exp(q . k)."""
+
+    exponential = True
+    approximates_softmax = True
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        u = self.project(x)  # (..., N, m')
+        return torch.cat([u, -u], dim=-1) - _half_sq_norm(x) - 0.5 * math.log(self.num_features)
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x)
+
+    def key_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x)
+
+
+class RandomFourierFeatureMap(PairedProjectionFeatureMap):
+    """Trigonometric random Fourier features (Rahimi & Recht, NIPS 2007; fast-transformers ``RandomFourierFeatures``).
+
+    [cos W x, sin W x] / sqrt(m') estimates the Gaussian kernel exp(-|q - k|^2 / 2). With ``kernel="softmax"``
+    (default) the features are multiplied by exp(|x|^2 / 2), which makes the product an unbiased estimate of
+    exp(q . k): the Performer paper's SM^trig (arXiv 2009.14794, sec. 2.2). Not positive: attention weights can be
+    negative and the variance is worst exactly where softmax weights are small, which is why FAVOR+ exists.
+    Attention never forms exp(|x|^2 / 2): queries drop it (it cancels), keys return it as their log scale.
+    """
+
+    KERNELS = ("softmax", "gaussian")
+
+    def __init__(self, head_dim: int, num_features: int | None = None, kernel: str = "softmax", **kwargs):
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {list(self.KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+        self.approximates_softmax = kernel == "softmax"
+        super().__init__(head_dim, num_features=num_features, **kwargs)
+
+    def trig_features(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.project(x)  # (..., N, m')
+        return torch.cat([torch.cos(u), torch.sin(u)], dim=-1) / math.sqrt(self.num_random_features)
+
+    def _log_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        return _half_sq_norm(x.float()).squeeze(-1) if self.kernel == "softmax" else None  # (..., N)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trig_features(x)
+        log_scale = self._log_scale(x)
+        return features if log_scale is None else features * log_scale.exp().unsqueeze(-1)
+
+    def query_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trig_features(x)
+
+    def key_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.trig_features(x), self._log_scale(x)
+
+
+class SmoothedRandomFourierFeatureMap(RandomFourierFeatureMap):
+    """Random Fourier features plus one constant feature sqrt(smoothing) (fast-transformers
+    ``SmoothedRandomFourierFeatures``): the Gaussian-kernel estimate becomes estimate + smoothing, which is >= 0
+    for smoothing >= 1 because the estimate is >= -1. Biased on purpose: positive weights, not softmax."""
+
+    def __init__(self, head_dim: int, num_features: int | None = None, smoothing: float = 1.0, **kwargs):
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not smoothing >= 0:
+            raise ValueError(f"smoothing must be a number >= 0, got {smoothing!r}")
+        self.smoothing = float(smoothing)
+        super().__init__(head_dim, num_features=num_features, **kwargs)
+        self.approximates_softmax = False
+
+    @property
+    def num_features(self) -> int:
+        return 2 * self.num_random_features + 1
+
+    def trig_features(self, x: torch.Tensor) -> torch.Tensor:
+        features = super().trig_features(x)  # (..., N, 2m')
+        constant = features.new_full((*features.shape[:-1], 1), math.sqrt(self.smoothing))
+        return torch.cat([features, constant], dim=-1)  # (..., N, 2m' + 1)
+
+
+class ExpModFeatureMap(RandomProjectionFeatureMap):
+    """TF KernelAttention's ``expmod``: phi(x) = exp(W x - sqrt(d) / 2) / sqrt(m), FAVOR+ without the -|x|^2/2 term.
+
+    E[phi(q) . phi(k)] = exp(|q + k|^2 / 2 - sqrt(d)) = exp(q . k) exp(|q|^2/2) exp(|k|^2/2) exp(-sqrt(d)): after
+    normalisation the query factor cancels, so attention weights are softmax tilted by exp(|k|^2 / 2) (not softmax).
+    """
+
+    exponential = True
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x) - 0.5 * math.sqrt(self.head_dim) - 0.5 * math.log(self.num_random_features)
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x)
+
+    def key_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x)
+
+
+class SoftmaxNoProjectionFeatureMap(FeatureMap):
+    """performer-pytorch ``no_projection=True``: no random features at all.
+
+    Queries: softmax over the d features. Keys: exp(k) when causal (a per-token map, stabilised like any exponential
+    map), and a softmax over the sequence when bidirectional (a per-feature normalisation, computed over the real
+    keys only: ``key_mask`` keeps padding out, which performer-pytorch does not). The per-token methods
+    (``forward_queries`` / ``forward_keys``) are the causal ones.
+    """
+
+    exponential = True
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(x.float(), dim=-1)
+
+    def key_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def _sequence_softmax_keys(self, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        logits = k.float()  # (..., S, d)
+        weights = _weights(key_mask, logits, "key_mask")
+        if weights is not None:
+            logits = logits.masked_fill(weights == 0, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-2, keepdim=True)  # (..., 1, d)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # a row with no real key gets zeros
+        return torch.exp(logits - lse)
+
+    def attention_features(self, q, k, *, key_mask=None, query_mask=None, causal=False):
+        if causal:
+            return super().attention_features(q, k, causal=True)
+        return self.query_features(q), self._sequence_softmax_keys(k, key_mask), None
+
+    def kernel_features(self, q, k, *, key_mask=None, query_mask=None, causal=False):
+        if causal:
+            return super().kernel_features(q, k, causal=True)
+        return self.forward_queries(q), self._sequence_softmax_keys(k, key_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Other kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
 class GeneralizedFeatureMap(RandomProjectionFeatureMap):
     """Generalised attention (performer-pytorch ``generalized_attention``, fast-transformers
-    ``GeneralizedRandomFeatures``): phi(x) = kernel_fn(W x) + eps, or kernel_fn(x) + eps with
-    ``use_projection=False``. The kernel is whatever phi defines; it does not approximate softmax."""
+    ``GeneralizedRandomFeatures``, TF KernelAttention's relu/elu/square/identity with a projection):
+    phi(x) = kernel_fn(W x) + eps, or kernel_fn(x) + eps with ``use_projection=False``. The kernel is whatever phi
+    defines; it does not approximate softmax. ``kernel_fn="exp"`` is computed in log space (log(exp(u) + eps) =
+    logaddexp(u, log eps)), so it cannot overflow."""
 
     KERNEL_FNS = {
         "relu": torch.relu,
@@ -257,23 +565,46 @@ class GeneralizedFeatureMap(RandomProjectionFeatureMap):
     ):
         if kernel_fn not in self.KERNEL_FNS:
             raise ValueError(f"kernel_fn must be one of {sorted(self.KERNEL_FNS)}, got {kernel_fn!r}")
-        if kernel_epsilon < 0:
-            raise ValueError(f"kernel_epsilon must be >= 0, got {kernel_epsilon}")
+        if isinstance(kernel_epsilon, bool) or not isinstance(kernel_epsilon, (int, float)) or not kernel_epsilon >= 0:
+            raise ValueError(f"kernel_epsilon must be a number >= 0, got {kernel_epsilon!r}")
+        if not isinstance(use_projection, bool):
+            raise TypeError(f"use_projection must be a bool, got {use_projection!r}")
         self.kernel_fn_name = kernel_fn
         self.use_projection = use_projection
-        self.kernel_epsilon = kernel_epsilon
+        self.kernel_epsilon = float(kernel_epsilon)
         if not use_projection:
             num_features = head_dim
         super().__init__(head_dim, num_features=num_features, **kwargs)
         self.is_random = use_projection
+        self.exponential = kernel_fn == "exp"
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x) if self.use_projection else x.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projected = self.project(x) if self.use_projection else x.float()
-        return self.KERNEL_FNS[self.kernel_fn_name](projected) + self.kernel_epsilon
+        return self.KERNEL_FNS[self.kernel_fn_name](self._inputs(x)) + self.kernel_epsilon
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.exponential:
+            raise NotImplementedError("log-features exist only for kernel_fn='exp'")
+        u = self._inputs(x)
+        return torch.logaddexp(u, torch.full_like(u, math.log(self.kernel_epsilon))) if self.kernel_epsilon else u
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x)
+
+    def key_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, kernel_fn={self.kernel_fn_name!r}, use_projection={self.use_projection}, "
+            f"kernel_epsilon={self.kernel_epsilon}"
+        )
 
 
 class ReluFeatureMap(GeneralizedFeatureMap):
-    """relu(W x): the Performer paper's "generalized attention" default (arXiv 2009.14794, sec. 4)."""
+    """relu(W x) + 1e-3: the Performer paper's "generalized attention" default (arXiv 2009.14794, sec. 4)."""
 
     def __init__(self, head_dim: int, num_features: int | None = None, **kwargs):
         kwargs.setdefault("kernel_fn", "relu")
@@ -285,6 +616,21 @@ class EluFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.elu(x.float()) + 1.0
+
+
+class IdentityFeatureMap(FeatureMap):
+    """phi(x) = x: the kernel q . k, linear attention with no feature map (TF KernelAttention's ``identity``).
+    Not positive: the normaliser can vanish or change sign; use it to study, not to train."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+class SquareFeatureMap(FeatureMap):
+    """phi(x) = x^2 elementwise, the kernel sum_i q_i^2 k_i^2 >= 0 (TF KernelAttention's ``square``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().square()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,8 +666,17 @@ def get_feature_map_class(name: str) -> type[FeatureMap]:
 
 for _name, _cls in {
     "favor+": FavorPlusFeatureMap,
+    "favor++": FavorPlusPlusFeatureMap,
+    "expplus": FavorPlusPlusFeatureMap,  # TF KernelAttention's name for FAVOR++
+    "hyperbolic": HyperbolicFeatureMap,
+    "rff": RandomFourierFeatureMap,
+    "smoothed_rff": SmoothedRandomFourierFeatureMap,
+    "expmod": ExpModFeatureMap,
+    "softmax_no_projection": SoftmaxNoProjectionFeatureMap,
     "relu": ReluFeatureMap,
     "generalized": GeneralizedFeatureMap,
     "elu": EluFeatureMap,
+    "identity": IdentityFeatureMap,
+    "square": SquareFeatureMap,
 }.items():
     register_feature_map(_name, _cls)
