@@ -10,6 +10,8 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+# Importing attention_backend registers attn_implementation="performer" with transformers.
+from .attention_backend import PerformerKernel, prepare_model_for_performer_attention
 from .cache_performer import PerformerCache
 from .callbacks import PerformerFeatureRedrawCallback
 from .configuration_performer import PerformerConfig
@@ -43,6 +45,8 @@ PerformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 PerformerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "PerformerKernel",
+    "prepare_model_for_performer_attention",
     "PerformerConfig",
     "PerformerModel",
     "PerformerForCausalLM",
