@@ -23,6 +23,7 @@ from .feature_maps import (
     get_feature_map_class,
     register_feature_map,
 )
+from .kernel_attention import KernelAttention
 from .modeling_performer import (
     PerformerForCausalLM,
     PerformerForSequenceClassification,
@@ -60,4 +61,5 @@ __all__ = [
     "available_feature_maps",
     "get_feature_map_class",
     "register_feature_map",
+    "KernelAttention",
 ]
