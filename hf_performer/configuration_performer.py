@@ -83,6 +83,17 @@ class PerformerConfig(PreTrainedConfig):
     attention_chunk_size: int = 64
     attention_implementation: str = "auto"
 
+    local_attn_heads: int | list[int] = 0
+    local_window_size: int = 256
+    shift_tokens: bool = False
+    begin_kernel: int = 0
+    scale_by_length: bool = False
+    use_causal_windowed: bool = False
+    causal_chunk_length: int = 1
+    causal_window_length: int = 3
+    causal_window_decay: float | None = None
+    causal_padding: str | None = None
+
     position_embedding_type: str = "rotary"
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
@@ -159,6 +170,7 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(f"position_embedding_type='rotary' needs an even head dim, got {self.head_dim}")
         if self.position_embedding_type == "axial":
             self._validate_axial()
+        self._check_architecture_options()
         if self.feature_map != EXACT:
             map_class = FEATURE_MAPS[self.feature_map]
             if self.causal and not map_class.supports_causal:
@@ -171,6 +183,43 @@ class PerformerConfig(PreTrainedConfig):
             except (TypeError, ValueError) as error:
                 raise ValueError(f"feature_map_kwargs {self.feature_map_kwargs!r} are invalid for "
                                  f"feature_map={self.feature_map!r}: {error}") from error
+
+    def _check_architecture_options(self):
+        heads = self.local_attn_heads
+        if isinstance(heads, (list, tuple)):
+            if len(heads) != self.num_hidden_layers:
+                raise ValueError(
+                    f"local_attn_heads has {len(heads)} entries; give one per layer ({self.num_hidden_layers}) or an int"
+                )
+            self.local_attn_heads = list(heads)
+        for count in (self.local_attn_heads if isinstance(self.local_attn_heads, list) else [self.local_attn_heads]):
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= self.num_attention_heads:
+                raise ValueError(
+                    f"local_attn_heads must be ints in [0, num_attention_heads={self.num_attention_heads}], got {heads!r}"
+                )
+        for name in ("local_window_size", "causal_chunk_length", "causal_window_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.begin_kernel, int) or self.begin_kernel < 0:
+            raise ValueError(f"begin_kernel must be an int >= 0, got {self.begin_kernel!r}")
+        if self.scale_by_length and self.causal:
+            raise ValueError("scale_by_length scales by the number of keys of the whole sequence; it needs causal=False")
+        if self.causal_window_decay is not None and not 0.0 < self.causal_window_decay <= 1.0:
+            raise ValueError(f"causal_window_decay must be in (0, 1] or None, got {self.causal_window_decay!r}")
+        _allowed("causal_padding", self.causal_padding, (None, "left", "right"))
+        if self.use_causal_windowed:
+            if not self.causal:
+                raise ValueError("use_causal_windowed needs causal=True")
+            if self.feature_map == EXACT:
+                raise ValueError("use_causal_windowed is a kernel-attention option; it cannot use feature_map='exact'")
+        if self.feature_map == EXACT and (self.begin_kernel or self.scale_by_length):
+            raise ValueError("begin_kernel and scale_by_length are kernel-attention options; feature_map='exact' "
+                             "is softmax everywhere already")
+
+    def local_heads(self, layer_idx: int) -> int:
+        """Number of exact local-window heads in layer ``layer_idx`` (the last heads of the layer)."""
+        heads = self.local_attn_heads
+        return heads[layer_idx] if isinstance(heads, list) else heads
 
     def _validate_axial(self):
         shape, dims = self.axial_pos_shape, self.axial_pos_embds_dim

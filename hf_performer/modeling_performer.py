@@ -6,6 +6,8 @@ PerformerForSequenceClassification. The attention math lives in ``ops.py`` and `
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -23,6 +25,7 @@ from transformers.utils import can_return_tuple, logging
 from .cache_performer import PerformerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import EXACT, FeatureMap, RandomProjectionFeatureMap, get_feature_map_class
+from .local_ops import sliding_window_attention, windowed_kernel_attention
 from .ops import causal_linear_attention, linear_attention
 
 logger = logging.get_logger(__name__)
@@ -128,11 +131,13 @@ class PerformerAxialPositionEmbedding(nn.Module):
 
 
 class PerformerAttention(nn.Module):
-    """Multi-head kernel attention: softmax(q k^T) v is replaced by phi(q) (phi(k)^T v), normalised.
+    """Multi-head attention mixing global kernel heads with exact local-window heads.
 
-    Causal layers run the chunked algorithm of ``ops.causal_linear_attention`` on a prompt and continue from the
-    state kept in ``PerformerCache`` when decoding; padded keys are removed from both the numerator and the
-    normaliser.
+    The first ``H - local_heads`` heads are global: phi(q) (phi(k)^T v), normalised, with FAVOR+ or another
+    feature map (or exact softmax with ``feature_map="exact"``, or TF's windowed causal kernel attention). The last
+    ``local_heads`` heads are exact softmax over a sliding window of ``local_window_size`` tokens, as in the
+    Performer reference. Causal layers continue from the state kept in ``PerformerCache`` when decoding; padded
+    keys are removed from both the numerator and the normaliser.
     """
 
     def __init__(self, config: PerformerConfig, layer_idx: int):
@@ -140,10 +145,13 @@ class PerformerAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_local_heads = config.local_heads(layer_idx)
+        self.num_global_heads = self.num_heads - self.num_local_heads
         self.head_dim = config.head_dim
         self.causal = config.causal
         self.scale = config.scale
         self.chunk_size = config.attention_chunk_size
+        self.window = config.local_window_size
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, hidden, bias=config.attention_bias)
         self.k_proj = nn.Linear(hidden, hidden, bias=config.attention_bias)
@@ -152,7 +160,7 @@ class PerformerAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_dropout)
         self.is_exact = config.feature_map == EXACT
         self.feature_map: FeatureMap | None = None
-        if not self.is_exact:
+        if not self.is_exact and self.num_global_heads > 0:
             map_class = get_feature_map_class(config.feature_map)
             self.feature_map = map_class(self.head_dim, **config.feature_map_options())
             self.redraw_features(feature_seed(config.feature_seed, layer_idx, 0))
@@ -165,6 +173,7 @@ class PerformerAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         key_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: PerformerCache | None = None,
     ) -> torch.Tensor:
@@ -176,49 +185,132 @@ class PerformerAttention(nn.Module):
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        cache_layer = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
-        if self.is_exact:
-            out = self._exact_attention(q, k, v, key_mask, cache_layer)
-        else:
-            out = self._kernel_attention(q, k, v, key_mask, cache_layer)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=q.device).expand(batch, length)
+        if key_mask is None:
+            key_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+        cache = past_key_values.layer(self.layer_idx) if past_key_values is not None and self.causal else None
+        g = self.num_global_heads
+        outputs = []
+        if g > 0:
+            if self.is_exact:
+                outputs.append(self._exact_attention(q[:, :g], k[:, :g], v[:, :g], key_mask, cache))
+            else:
+                outputs.append(self._kernel_attention(q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, cache))
+        if self.num_local_heads > 0:
+            outputs.append(self._windowed(
+                "local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, cache, self.window,
+                lambda q_, k_, v_, qp, kp, km: sliding_window_attention(
+                    q_, k_, v_, window=self.window, causal=self.causal, q_positions=qp, k_positions=kp, key_mask=km
+                ),
+            ))
+        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, N, H*d)
         return self.o_proj(self.dropout(out))
 
-    def _kernel_attention(self, q, k, v, key_mask, cache_layer):
-        q_features = self.feature_map.query_features(q * self.scale)  # (B, H, N, m)
-        k_features, k_log_scale = self.feature_map.key_features(k * self.scale)  # (B, H, N, m), (B, H, N)
+    @staticmethod
+    def _windowed(name, q, k, v, key_mask, position_ids, cache, window, attend):
+        """Run banded attention over [cached last (window - 1) tokens | new tokens], then keep the new tail.
+
+        ``q``, ``k``, ``v`` are (B, h, N, *); the cache holds the same tensors for the previous tokens, so memory
+        stays at ``window`` tokens per layer whatever the context length."""
+        keys = {"k": k, "v": v, "pos": position_ids, "mask": key_mask}
+        if cache is not None:
+            for key, new in keys.items():
+                old = cache.get(f"{name}.{key}")
+                if old is not None:
+                    keys[key] = torch.cat([old, new], dim=2 if new.dim() == 4 else 1)
+            keep = window - 1
+            for key, full in keys.items():
+                dim = 2 if full.dim() == 4 else 1
+                total = full.shape[dim]
+                cache.set(f"{name}.{key}", full.narrow(dim, max(0, total - keep), min(total, keep)))
+        return attend(q, keys["k"], keys["v"], position_ids, keys["pos"], keys["mask"])
+
+    def _kernel_attention(self, q, k, v, key_mask, position_ids, cache):
+        config = self.config
+        scale = self.scale
+        if config.scale_by_length:
+            # TF KernelAttention: temperature grows with log(length) to keep the attention entropy steady.
+            count = key_mask.sum(-1).clamp_min(2).float()  # (B,)
+            scale = scale * (torch.log(count) / math.log(512)).sqrt().view(-1, 1, 1, 1)
+        q_features = self.feature_map.query_features(q * scale)  # (B, h, N, m)
+        k_features, k_log_scale = self.feature_map.key_features(k * scale)  # (B, h, N, m), (B, h, N)
         if not self.causal:
-            return linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask)
-        state = None
-        if cache_layer is not None and cache_layer.get("kv") is not None:
-            state = (cache_layer.get("kv"), cache_layer.get("log_scale"))
-        out, (kv, log_scale) = causal_linear_attention(
-            q_features,
-            k_features,
-            v,
-            k_log_scale=k_log_scale,
-            key_mask=key_mask,
-            initial_state=state,
-            chunk_size=self.chunk_size,
-        )
-        if cache_layer is not None:
-            cache_layer.set("kv", kv)
-            cache_layer.set("log_scale", log_scale)
+            out = linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
+                                   implementation=config.attention_implementation)
+        elif config.use_causal_windowed:
+            out = self._causal_windowed(q_features, k_features, k_log_scale, v, key_mask, position_ids, cache)
+        else:
+            state = None
+            if cache is not None and cache.get("kv") is not None:
+                state = (cache.get("kv"), cache.get("log_scale"))
+            out, (kv, log_scale) = causal_linear_attention(
+                q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask, initial_state=state,
+                chunk_size=self.chunk_size, implementation=config.attention_implementation,
+            )
+            if cache is not None:
+                cache.set("kv", kv)
+                cache.set("log_scale", log_scale)
+        if config.begin_kernel > 0:
+            out = self._begin_with_softmax(q, k, v, out, key_mask, position_ids, cache)
         return out
 
-    def _exact_attention(self, q, k, v, key_mask, cache_layer):
+    def _causal_windowed(self, q_features, k_features, k_log_scale, v, key_mask, position_ids, cache):
+        config = self.config
+        chunk = config.causal_chunk_length
+        if cache is not None and chunk > 1:
+            raise ValueError(
+                f"use_causal_windowed with causal_chunk_length={chunk} attends both ways inside a chunk, so it cannot "
+                "be decoded token by token; use causal_chunk_length=1 for generation (or use_cache=False)"
+            )
+        if config.causal_padding == "left":
+            if cache is not None:
+                raise ValueError("causal_padding='left' aligns chunks to the end of the sequence; it cannot be "
+                                 "combined with a cache")
+            position_ids = position_ids + (-key_mask.sum(-1, keepdim=True)) % chunk
+        log_scale = k_log_scale if k_log_scale is not None else torch.zeros_like(k_features[..., 0])
+        window_tokens = config.causal_window_length * chunk
+
+        def attend(q_, k_, v_, qp, kp, km):
+            return windowed_kernel_attention(
+                q_, k_[..., :-1], v_, chunk_length=chunk, window_length=config.causal_window_length,
+                q_positions=qp, k_positions=kp, k_log_scale=k_[..., -1] if k_log_scale is not None else None,
+                key_mask=km, decay=config.causal_window_decay,
+            )
+
+        # keys and their log scale travel together through the cache window
+        keys = torch.cat([k_features, log_scale.unsqueeze(-1)], dim=-1)
+        return self._windowed("windowed", q_features, keys, v, key_mask, position_ids, cache, window_tokens, attend)
+
+    def _begin_with_softmax(self, q, k, v, kernel_out, key_mask, position_ids, cache):
+        """TF KernelAttention's ``begin_kernel``: the first n positions use exact softmax attention."""
+        n = self.config.begin_kernel
+        first = (position_ids < n)[:, None, :, None]  # (B, 1, N, 1)
+        if self.causal:
+            # Causal queries at positions < n see only keys at positions < n: a window of n tokens is exact.
+            exact = self._windowed(
+                "begin", q, k, v, key_mask, position_ids, cache, n,
+                lambda q_, k_, v_, qp, kp, km: sliding_window_attention(
+                    q_, k_, v_, window=n, causal=True, q_positions=qp, k_positions=kp, key_mask=km,
+                    scale=self.head_dim**-0.5,
+                ),
+            )
+        else:
+            exact = self._exact_attention(q, k, v, key_mask, None)
+        return torch.where(first, exact.to(kernel_out.dtype), kernel_out)
+
+    def _exact_attention(self, q, k, v, key_mask, cache):
         """Plain softmax attention, for A/B comparisons against the kernel that approximates it."""
         batch, _, length, _ = q.shape
-        if key_mask is None:
-            key_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-        if cache_layer is not None and self.causal:
-            if cache_layer.get("keys") is not None:
-                k = torch.cat([cache_layer.get("keys"), k], dim=2)
-                v = torch.cat([cache_layer.get("values"), v], dim=2)
-                key_mask = torch.cat([cache_layer.get("key_mask"), key_mask], dim=1)
-            cache_layer.set("keys", k)
-            cache_layer.set("values", v)
-            cache_layer.set("key_mask", key_mask)
+        if cache is not None:
+            if cache.get("keys") is not None:
+                k = torch.cat([cache.get("keys"), k], dim=2)
+                v = torch.cat([cache.get("values"), v], dim=2)
+                key_mask = torch.cat([cache.get("key_mask"), key_mask], dim=1)
+            cache.set("keys", k)
+            cache.set("values", v)
+            cache.set("key_mask", key_mask)
         total = k.shape[2]
         allowed = key_mask[:, None, None, :].expand(batch, 1, length, total)  # (B, 1, N, S)
         if self.causal:
@@ -263,12 +355,43 @@ class PerformerMLP(nn.Module):
         return torch.cat([self._forward(part) for part in x.chunk(self.chunks, dim=1)], dim=1)
 
 
+class PerformerTokenShift(nn.Module):
+    """Token shift (performer-pytorch ``shift_tokens``, after RWKV / arXiv 2105.14103 style time mixing): split
+    the features into ``len(shifts)`` slices and move slice i by ``shifts[i]`` tokens (1 = take the previous
+    token's features), padding with zeros; padded tokens contribute zeros. Causal: shifts (0, 1); bidirectional:
+    (-1, 0, 1). When decoding, the last token of the previous step comes from the cache."""
+
+    def __init__(self, config: PerformerConfig, name: str):
+        super().__init__()
+        self.shifts = (0, 1) if config.causal else (-1, 0, 1)
+        self.slice = config.hidden_size // len(self.shifts)
+        self.name = name
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        if key_mask is not None:
+            x = x * key_mask.unsqueeze(-1).to(x.dtype)  # (B, N, D)
+        previous = cache.get(self.name) if cache is not None else None  # (B, 1, D) or None
+        if cache is not None:
+            cache.set(self.name, x[:, -1:])
+        pieces = list(x.split(self.slice, dim=-1))
+        for i, amount in enumerate(self.shifts):
+            piece = pieces[i]
+            if amount > 0:
+                before = previous[..., i * self.slice:(i + 1) * self.slice] if previous is not None \
+                    else torch.zeros_like(piece[:, :amount])
+                pieces[i] = torch.cat([before, piece[:, :-amount]], dim=1)[:, -piece.shape[1]:]
+            elif amount < 0:
+                pieces[i] = torch.cat([piece[:, -amount:], torch.zeros_like(piece[:, :-amount])], dim=1)
+        return torch.cat(pieces, dim=-1)
+
+
 class PerformerDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: x + attn(norm(x)), then x + ff(norm(x)). With ``norm_type='rezero'`` there is no norm and
     each branch is scaled by a learned scalar that starts at 0 (arXiv 2003.04887)."""
 
     def __init__(self, config: PerformerConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.self_attn = PerformerAttention(config, layer_idx)
         self.mlp = PerformerMLP(config)
         self.attn_norm = build_norm(config)
@@ -278,23 +401,30 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         if self.rezero:
             self.rezero_attn = nn.Parameter(torch.zeros(1))
             self.rezero_mlp = nn.Parameter(torch.zeros(1))
+        self.shift_attn = PerformerTokenShift(config, "shift.attn") if config.shift_tokens else None
+        self.shift_mlp = PerformerTokenShift(config, "shift.mlp") if config.shift_tokens else None
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         key_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         past_key_values: PerformerCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
+        x = hidden_states if self.shift_attn is None else self.shift_attn(hidden_states, key_mask, cache)
         attn = self.self_attn(
-            self.attn_norm(hidden_states),
+            self.attn_norm(x),
             key_mask=key_mask,
+            position_ids=position_ids,
             position_embeddings=position_embeddings,
             past_key_values=past_key_values,
         )
         hidden_states = hidden_states + self.dropout(attn * self.rezero_attn if self.rezero else attn)
-        ff = self.mlp(self.mlp_norm(hidden_states))
+        x = hidden_states if self.shift_mlp is None else self.shift_mlp(hidden_states, key_mask, cache)
+        ff = self.mlp(self.mlp_norm(x))
         return hidden_states + self.dropout(ff * self.rezero_mlp if self.rezero else ff)
 
 
@@ -514,7 +644,11 @@ class PerformerModel(PerformerPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             hidden_states = layer(
-                hidden_states, key_mask=key_mask, position_embeddings=rotary, past_key_values=cache
+                hidden_states,
+                key_mask=key_mask,
+                position_ids=position_ids,
+                position_embeddings=rotary,
+                past_key_values=cache,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:

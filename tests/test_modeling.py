@@ -223,8 +223,10 @@ def test_causality(feature_map):
         changed = ids.clone()
         changed[:, t] = (changed[:, t] + 5) % 97
         other = model(changed).logits
-        assert torch.equal(other[:, :t], logits[:, :t])
-        assert not torch.allclose(other[:, t:], logits[:, t:])
+        # blocks of the chunked algorithm may sum in another order: equal up to float32 rounding, while a leak
+        # of the changed token would move the logits by orders of magnitude more (second assertion)
+        torch.testing.assert_close(other[:, :t], logits[:, :t], rtol=0, atol=1e-6)
+        assert (other[:, t:] - logits[:, t:]).abs().max() > 1e-3
 
 
 def test_bidirectional_sees_the_future():
