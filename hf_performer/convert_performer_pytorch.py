@@ -1,0 +1,306 @@
+"""Convert a performer-pytorch ``PerformerLM`` (github.com/lucidrains/performer-pytorch) into ``PerformerForCausalLM``.
+
+    model = convert_performer_pytorch("lm.pt", dict(num_tokens=256, max_seq_len=1024, dim=512, depth=6, heads=8,
+                                                    dim_head=64, causal=True, rotary_position_emb=False))
+    model.save_pretrained("performer-hf")
+
+or from the shell: ``hf-performer-convert --checkpoint lm.pt --kwargs kwargs.json --output performer-hf``.
+
+What is carried over: token embeddings, learned absolute positions, axial positions (performer-pytorch sums one
+learned table per axis; the sum is materialised into an absolute table, identical at inference), q/k/v/out
+projections with their biases, the per-layer random projection matrices, LayerNorm / ReZero, the feed-forward
+(GLU halves swapped: performer-pytorch computes act(first half) * second half, this model hidden * act(gate) with
+the gate second), chunked feed-forward, generalized (ReLU-type) kernels, token shift (with ReZero), tied or untied
+output embeddings.
+
+Numerics: performer-pytorch adds ``eps=1e-4`` to every FAVOR+ feature after stabilising keys with the maximum over
+the whole sequence (and 1e-6 to the causal normaliser). The epsilon's weight relative to the true features
+therefore depends on future tokens, which a causal model decoding token by token cannot reproduce; this model uses
+the exact kernel (eps = 0). Logits agree to fp32 rounding when performer-pytorch's epsilons are set to 0, and to
+within the epsilon's effect otherwise (see tests/test_convert.py). Padding masks are not comparable either:
+performer-pytorch zeroes padded values but keeps padded keys in the normaliser; this model removes them.
+
+Options this model cannot reproduce exactly raise ``ValueError`` naming the option (see ``_check_supported``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .configuration_performer import PerformerConfig
+from .modeling_performer import PerformerForCausalLM
+
+# performer_pytorch.PerformerLM's constructor defaults (v1.1.x).
+PERFORMER_LM_DEFAULTS = dict(
+    dim_head=64, local_attn_heads=0, local_window_size=256, causal=False, ff_mult=4, nb_features=None,
+    feature_redraw_interval=1000, reversible=False, ff_chunks=1, ff_glu=False, emb_dropout=0.0, ff_dropout=0.0,
+    attn_dropout=0.0, generalized_attention=False, kernel_fn="relu", use_scalenorm=False, use_rezero=False,
+    cross_attend=False, no_projection=False, tie_embed=False, rotary_position_emb=True, axial_position_emb=False,
+    axial_position_shape=None, auto_check_redraw=True, qkv_bias=False, attn_out_bias=False, shift_tokens=False,
+)
+REQUIRED = ("num_tokens", "max_seq_len", "dim", "depth", "heads")
+
+
+def _kernel_fn_name(kernel_fn) -> str:
+    """Our GeneralizedFeatureMap name for performer-pytorch's ``kernel_fn`` module (or its name)."""
+    if isinstance(kernel_fn, str):
+        name = kernel_fn.lower()
+    elif isinstance(kernel_fn, nn.ReLU):
+        name = "relu"
+    elif isinstance(kernel_fn, nn.GELU) and kernel_fn.approximate == "none":
+        name = "gelu"
+    elif isinstance(kernel_fn, nn.Softplus) and kernel_fn.beta == 1 and kernel_fn.threshold == 20:
+        name = "softplus"
+    elif isinstance(kernel_fn, nn.Identity):
+        name = "identity"
+    else:
+        name = None
+    if name not in ("relu", "gelu", "softplus", "identity"):
+        raise ValueError(f"kernel_fn={kernel_fn!r} is not supported; use nn.ReLU, nn.GELU, nn.Softplus or nn.Identity")
+    return name
+
+
+def normalise_kwargs(kwargs: dict) -> dict:
+    """PerformerLM constructor arguments with performer-pytorch's defaults filled in."""
+    unknown = sorted(set(kwargs) - set(PERFORMER_LM_DEFAULTS) - set(REQUIRED))
+    if unknown:
+        raise ValueError(f"unknown PerformerLM arguments: {unknown}")
+    missing = [name for name in REQUIRED if name not in kwargs]
+    if missing:
+        raise ValueError(f"PerformerLM arguments {missing} are required to convert a checkpoint")
+    return {**PERFORMER_LM_DEFAULTS, **kwargs}
+
+
+def _check_supported(args: dict) -> None:
+    """Raise ValueError naming the first option whose behaviour PerformerForCausalLM cannot reproduce exactly."""
+    def unsupported(option: str, why: str):
+        raise ValueError(f"performer-pytorch option {option} is not supported by the conversion: {why}")
+
+    if not args["causal"]:
+        unsupported("causal=False", "PerformerForCausalLM is a causal language model")
+    for option, why in (
+        ("reversible", "reversible layers (RevNet residuals) are not implemented"),
+        ("cross_attend", "PerformerForCausalLM has no encoder to cross-attend to"),
+        ("no_projection", "softmax-normalised q/k without random features is not a feature map here"),
+        ("use_scalenorm", "performer-pytorch ends ScaleNorm models with a LayerNorm, this model with a ScaleNorm"),
+    ):
+        if args[option]:
+            unsupported(f"{option}=True", why)
+    if args["rotary_position_emb"]:
+        unsupported(
+            "rotary_position_emb=True",
+            "performer-pytorch's rotary models also add a fixed sinusoidal embedding to the token embeddings, and "
+            "PerformerConfig cannot combine rotary with an absolute table; pass rotary_position_emb=False models "
+            "(absolute or axial positions)",
+        )
+    local = args["local_attn_heads"]
+    if any(count > 0 for count in (local if isinstance(local, (tuple, list)) else (local,))):
+        unsupported(
+            f"local_attn_heads={local!r}",
+            "performer-pytorch's local heads (local-attention) attend to their own block of local_window_size "
+            "tokens plus the previous block, while this model's local heads use a sliding window",
+        )
+    if args["shift_tokens"]:
+        if "shift_tokens" not in getattr(PerformerConfig, "__dataclass_fields__", {}):
+            unsupported("shift_tokens=True", "PerformerConfig has no shift_tokens option")
+        if not args["use_rezero"]:
+            unsupported(
+                "shift_tokens=True (with LayerNorm)",
+                "performer-pytorch shifts tokens after the pre-norm, this model before it; only ReZero models "
+                "(no norm) convert exactly",
+            )
+    if args["dim_head"] * args["heads"] != args["dim"]:
+        unsupported(f"dim_head={args['dim_head']}",
+                    f"heads * dim_head must equal dim ({args['heads']} * {args['dim_head']} != {args['dim']})")
+
+
+def performer_pytorch_config(kwargs: dict, **overrides) -> PerformerConfig:
+    """The ``PerformerConfig`` of a ``PerformerLM(**kwargs)``."""
+    args = normalise_kwargs(kwargs)
+    _check_supported(args)
+    options = dict(
+        vocab_size=args["num_tokens"],
+        hidden_size=args["dim"],
+        num_hidden_layers=args["depth"],
+        num_attention_heads=args["heads"],
+        ff_mult=args["ff_mult"],
+        intermediate_size=args["dim"] * args["ff_mult"],
+        ff_glu=args["ff_glu"],
+        ff_chunks=args["ff_chunks"],
+        hidden_act="gelu",  # nn.GELU(): the exact erf form
+        norm_type="rezero" if args["use_rezero"] else "layernorm",
+        layer_norm_eps=1e-5,
+        attention_bias=bool(args["qkv_bias"] or args["attn_out_bias"]),
+        mlp_bias=True,
+        hidden_dropout=args["ff_dropout"],
+        attention_dropout=args["attn_dropout"],
+        embedding_dropout=args["emb_dropout"],
+        causal=True,
+        nb_features=args["nb_features"] or int(args["dim_head"] * math.log(args["dim_head"])),
+        orthogonal_features=True,
+        feature_norm_scaling="chi",
+        feature_redraw_interval=args["feature_redraw_interval"] if args["auto_check_redraw"] else 0,
+        # performer-pytorch feeds d^-0.25 * q and d^-0.25 * k to the kernel: this model's default scale.
+        attention_scale=None,
+        position_embedding_type="absolute",  # axial tables are materialised (see module docstring)
+        max_position_embeddings=args["max_seq_len"],
+        tie_word_embeddings=bool(args["tie_embed"]),
+    )
+    if args["generalized_attention"]:
+        options["feature_map"] = "generalized"
+        options["feature_map_kwargs"] = {"kernel_fn": _kernel_fn_name(args["kernel_fn"]), "kernel_epsilon": 1e-3}
+    else:
+        options["feature_map"] = "favor+"
+    if args["shift_tokens"]:
+        options["shift_tokens"] = True
+    options.update(overrides)
+    return PerformerConfig(**options)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _find(state_dict: dict, prefix: str, suffix: str) -> torch.Tensor:
+    """The one tensor under ``prefix`` whose name ends with ``suffix`` (wrappers add ``fn.`` levels)."""
+    matches = [key for key in state_dict if key.startswith(prefix) and key.endswith(suffix)]
+    if len(matches) != 1:
+        raise KeyError(f"expected one key {prefix}...{suffix} in the performer-pytorch state dict, found {matches}")
+    return state_dict[matches[0]]
+
+
+def _axial_table(state_dict: dict, length: int) -> torch.Tensor:
+    """performer-pytorch's summed axial embedding, materialised: (length, dim). The last axis varies fastest."""
+    weights = [state_dict[key] for key in sorted(
+        (k for k in state_dict if k.startswith("pos_emb.weights.")), key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if not weights:
+        raise KeyError("axial_position_emb=True but the state dict has no pos_emb.weights.*")
+    shape = [w.shape[1 + axis] for axis, w in enumerate(weights)]  # each weight is (1, 1.., s_a, ..1, dim)
+    dim = weights[0].shape[-1]
+    table = sum(w.expand(1, *shape, dim) for w in weights).reshape(math.prod(shape), dim)
+    if table.shape[0] < length:
+        raise ValueError(f"axial_position_shape {shape} covers {table.shape[0]} positions < max_seq_len={length}")
+    return table[:length]
+
+
+def convert_state_dict(state_dict: dict, kwargs: dict) -> dict:
+    """performer-pytorch ``PerformerLM`` weights -> ``PerformerForCausalLM`` weights (same math, our names)."""
+    args = normalise_kwargs(kwargs)
+    _check_supported(args)
+    sd = {key: value for key, value in state_dict.items() if not key.startswith("performer.proj_updater.instance.")}
+    dim, inner = args["dim"], args["dim"] * args["ff_mult"]
+    out = {"model.embed_tokens.weight": sd["token_emb.weight"]}
+    if args["axial_position_emb"]:
+        out["model.embed_positions.weight"] = _axial_table(sd, args["max_seq_len"])
+    else:
+        out["model.embed_positions.weight"] = sd["pos_emb.emb.weight"]
+    zeros = torch.zeros(dim, dtype=sd["token_emb.weight"].dtype)
+
+    for i in range(args["depth"]):
+        attn, ff = f"performer.net.layers.{i}.0.", f"performer.net.layers.{i}.1."
+        ours = f"model.layers.{i}."
+        for theirs, name in (("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out", "o_proj")):
+            out[f"{ours}self_attn.{name}.weight"] = _find(sd, attn, f"{theirs}.weight")
+            if args["qkv_bias"] or args["attn_out_bias"]:
+                has_bias = args["attn_out_bias"] if theirs == "to_out" else args["qkv_bias"]
+                # One attention_bias flag here: a bias performer-pytorch does not have becomes a zero bias.
+                out[f"{ours}self_attn.{name}.bias"] = _find(sd, attn, f"{theirs}.bias") if has_bias else zeros
+        out[f"{ours}self_attn.feature_map.projection"] = _find(sd, attn, "fast_attention.projection_matrix")
+
+        w1, b1 = _find(sd, ff, "w1.weight"), _find(sd, ff, "w1.bias")
+        if args["ff_glu"]:
+            # performer-pytorch: act(first half) * second half; ours: first half * act(second half).
+            w1 = torch.cat([w1[inner:], w1[:inner]])
+            b1 = torch.cat([b1[inner:], b1[:inner]])
+        out[f"{ours}mlp.up_proj.weight"], out[f"{ours}mlp.up_proj.bias"] = w1, b1
+        out[f"{ours}mlp.down_proj.weight"] = _find(sd, ff, "w2.weight")
+        out[f"{ours}mlp.down_proj.bias"] = _find(sd, ff, "w2.bias")
+
+        if args["use_rezero"]:
+            out[f"{ours}rezero_attn"] = sd[f"{attn}g"].reshape(1)
+            out[f"{ours}rezero_mlp"] = sd[f"{ff}g"].reshape(1)
+        else:
+            for branch, name in ((attn, "attn_norm"), (ff, "mlp_norm")):
+                out[f"{ours}{name}.weight"] = sd[f"{branch}norm.weight"]
+                out[f"{ours}{name}.bias"] = sd[f"{branch}norm.bias"]
+
+    out["model.norm.weight"], out["model.norm.bias"] = sd["norm.weight"], sd["norm.bias"]
+    if args["tie_embed"]:
+        out["lm_head.weight"] = sd["token_emb.weight"]
+    else:
+        bias = sd.get("to_out.bias")
+        if bias is not None and bool(bias.any()):
+            raise ValueError(
+                "performer-pytorch option tie_embed=False is only supported with a zero to_out.bias: the output "
+                "layer has a bias and PerformerForCausalLM's lm_head does not"
+            )
+        out["lm_head.weight"] = sd["to_out.weight"]
+    return out
+
+
+def _load_checkpoint(checkpoint) -> dict:
+    """A state dict from a dict, an ``nn.Module`` or a ``torch.save`` file (optionally wrapped in
+    ``{"state_dict": ...}`` / ``{"model": ...}``)."""
+    if isinstance(checkpoint, nn.Module):
+        return checkpoint.state_dict()
+    if isinstance(checkpoint, (str, Path)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"expected a state dict, a module or a checkpoint path, got {type(checkpoint).__name__}")
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if wrapper in checkpoint and isinstance(checkpoint[wrapper], dict) and "token_emb.weight" not in checkpoint:
+            checkpoint = checkpoint[wrapper]
+    return checkpoint
+
+
+def convert_performer_pytorch(checkpoint, kwargs: dict, *, dtype: torch.dtype | None = None,
+                              **config_overrides) -> PerformerForCausalLM:
+    """Build the ``PerformerForCausalLM`` equivalent of ``PerformerLM(**kwargs)`` with the given weights.
+
+    ``checkpoint``: the ``PerformerLM`` itself, its ``state_dict()``, or the path of a ``torch.save``-d state dict.
+    ``kwargs``: the ``PerformerLM`` constructor arguments (``kernel_fn`` may be given by name, e.g. ``"relu"``).
+    ``config_overrides`` go to ``PerformerConfig`` (e.g. ``attention_chunk_size``).
+    """
+    config = performer_pytorch_config(kwargs, **config_overrides)
+    weights = convert_state_dict(_load_checkpoint(checkpoint), kwargs)
+    model = PerformerForCausalLM(config)
+    weights = {key: value.to(torch.float32) for key, value in weights.items()}
+    weights["model.feature_redraws"] = model.model.feature_redraws
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    return model.to(dtype) if dtype is not None else model
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="hf-performer-convert",
+        description="Convert a performer-pytorch PerformerLM checkpoint into a Hugging Face PerformerForCausalLM.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="torch.save-d PerformerLM state dict")
+    parser.add_argument("--kwargs", required=True,
+                        help="PerformerLM constructor arguments: a JSON file or an inline JSON object "
+                             '(kernel_fn by name, e.g. "relu")')
+    parser.add_argument("--output", required=True, help="directory for save_pretrained")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    args = parser.parse_args(argv)
+    text = Path(args.kwargs).read_text() if Path(args.kwargs).is_file() else args.kwargs
+    model = convert_performer_pytorch(args.checkpoint, json.loads(text), dtype=getattr(torch, args.dtype))
+    model.save_pretrained(args.output)
+    print(f"saved {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+          f"to {args.output}")
+
+
+__all__ = ["convert_performer_pytorch", "convert_state_dict", "performer_pytorch_config", "main"]
+
+if __name__ == "__main__":
+    main()
