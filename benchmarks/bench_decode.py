@@ -1,0 +1,137 @@
+"""Per-token decode latency and cache memory against context length: PerformerForCausalLM (recurrent state) vs a
+GPT-2-shaped transformers model of the same size (KV cache).
+
+    .venv/bin/python benchmarks/bench_decode.py            # contexts 256 ... 32768
+    .venv/bin/python benchmarks/bench_decode.py --quick    # contexts 256 ... 4096
+
+The Performer reaches each context by a real chunked prefill (linear cost). GPT-2's KV cache is filled with random
+keys/values of the right shape instead of a quadratic prefill: its decode cost depends only on the cache size.
+Prints a markdown table and writes benchmarks/results/bench_decode.{md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+import hf_performer  # noqa: F401
+from hf_performer import PerformerConfig, PerformerForCausalLM
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed_decode(model, cache, next_token, steps: int, attention_mask=None) -> float:
+    """Median seconds of one decode step (a new token appended to `cache`)."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            start = time.perf_counter()
+            kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+            out = model(next_token, past_key_values=cache, use_cache=True, **kwargs)
+            times.append(time.perf_counter() - start)
+            cache = out.past_key_values
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask[:, :1]], dim=1)
+    return statistics.median(times[1:])
+
+
+def performer_at(model, context: int):
+    with torch.inference_mode():
+        ids = torch.randint(0, model.config.vocab_size, (1, context))
+        cache = model(ids, use_cache=True).past_key_values
+    return cache
+
+
+def gpt2_cache_at(model, context: int) -> DynamicCache:
+    config = model.config
+    head_dim = config.n_embd // config.n_head
+    cache = DynamicCache(config=config)
+    for layer in range(config.n_layer):
+        keys = torch.randn(1, config.n_head, context, head_dim)
+        cache.update(keys, torch.randn_like(keys), layer)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
+    args = parser.parse_args()
+    contexts = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384, 32768]
+    torch.manual_seed(0)
+    vocab = 8192
+    performer = PerformerForCausalLM(PerformerConfig(
+        vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        nb_features=128, max_position_embeddings=max(contexts) + 64, ff_mult=4,
+    )).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
+        n_positions=max(contexts) + 64,
+    )).eval()
+    params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    print(f"Performer {params(performer):.1f}M params, GPT-2 {params(gpt2):.1f}M params, "
+          f"torch threads {torch.get_num_threads()}")
+
+    rows = []
+    token = torch.randint(0, vocab, (1, 1))
+    for context in tqdm(contexts, desc="contexts"):
+        p_cache = performer_at(performer, context)
+        p_bytes = cache_bytes(p_cache)
+        p_time = timed_decode(performer, p_cache, token, args.steps)
+        g_cache = gpt2_cache_at(gpt2, context)
+        g_bytes = cache_bytes(g_cache)
+        mask = torch.ones(1, context + 1, dtype=torch.long)
+        g_time = timed_decode(gpt2, g_cache, token, args.steps, attention_mask=mask)
+        rows.append((context, p_time, g_time, p_bytes, g_bytes))
+
+    base = rows[0][1]
+    lines = [
+        "| context | Performer ms/token | GPT-2 ms/token | Performer vs its 256 | Performer cache MiB | GPT-2 cache MiB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for context, p_time, g_time, p_bytes, g_bytes in rows:
+        lines.append(f"| {context} | {p_time * 1e3:.2f} | {g_time * 1e3:.2f} | {p_time / base:.2f}x | "
+                     f"{p_bytes / 2**20:.2f} | {g_bytes / 2**20:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_decode.md").write_text(table + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r[0] for r in rows]
+    left.plot(xs, [r[1] * 1e3 for r in rows], "o-", label="Performer (recurrent state)")
+    left.plot(xs, [r[2] * 1e3 for r in rows], "s-", label="GPT-2 (KV cache)")
+    left.set(xscale="log", xlabel="context length", ylabel="ms per generated token", title="decode latency")
+    right.plot(xs, [r[3] / 2**20 for r in rows], "o-", label="Performer")
+    right.plot(xs, [r[4] / 2**20 for r in rows], "s-", label="GPT-2")
+    right.set(xscale="log", yscale="log", xlabel="context length", ylabel="cache MiB", title="cache memory")
+    for axis in (left, right):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench_decode.png", dpi=120)
+    print(f"wrote {RESULTS / 'bench_decode.md'} and {RESULTS / 'bench_decode.png'}")
+
+
+if __name__ == "__main__":
+    main()
