@@ -44,6 +44,19 @@ class PerformerConfig(PreTrainedConfig):
         attention_scale: q and k are each multiplied by this before the feature map; default ``d_head ** -0.25``.
         attention_chunk_size: chunk length of the causal algorithm.
 
+    Local heads and TF KernelAttention options:
+        local_attn_heads: exact softmax heads over a sliding window (an int, or one per layer); they are the last
+            heads of each layer, the rest are kernel heads. local_window_size: the window in tokens (causal: the
+            token and the window - 1 before it; bidirectional: |i - j| < window).
+        shift_tokens: token shift before attention and feed-forward (performer-pytorch ``shift_tokens``).
+        begin_kernel: the first n positions use exact softmax attention (TF ``begin_kernel``).
+        scale_by_length: multiply the softmax temperature by log(n) / log(512), n the number of real tokens
+            (TF ``scale_by_length``; bidirectional only).
+        use_causal_windowed, causal_chunk_length, causal_window_length, causal_window_decay, causal_padding: TF's
+            windowed causal kernel attention: chunks of ``causal_chunk_length`` tokens attend to the last
+            ``causal_window_length`` chunks, weighted by ``decay ** distance``; with chunk length 1 it streams
+            token by token through the cache. ``causal_padding='left'`` aligns chunks to the end of the sequence.
+
     Positions:
         position_embedding_type: ``rotary`` (default, as the Performer reference), ``absolute`` (learned),
             ``axial`` (Reformer's factorised embedding, ``axial_pos_shape`` with product ``max_position_embeddings``
