@@ -25,6 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 LENGTH = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Models this small run faster on one thread than on two that wait for each other (more so on a busy
+    machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(**overrides) -> PerformerForCausalLM:
     options = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, nb_features=8,
                    attention_chunk_size=8, feature_redraw_interval=1000, feature_seed=3)
@@ -202,7 +212,7 @@ def test_trainer_checkpoint_loads_with_remote_code_where_hf_performer_is_absent(
                           "logits": logits.tolist(), "greedy": greedy.tolist()}}))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-I", "-c", child], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
