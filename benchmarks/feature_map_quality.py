@@ -90,8 +90,39 @@ def quality_grid(variants, num_features, logit_stds, seeds, *, head_dim=64, leng
                     "num_features": m,
                     "mean": statistics.fmean(errors),
                     "stderr": statistics.stdev(errors) / math.sqrt(len(errors)) if len(errors) > 1 else 0.0,
+                    "errors": errors,
                 })
     return rows
+
+
+# (challenger, baseline): the two claims of the papers, compared on the same inputs and seeds
+COMPARISONS = (
+    ("favor++ orthogonal", "favor+ orthogonal"),
+    ("favor++ iid", "favor+ iid"),
+    ("favor+ orthogonal", "favor+ iid"),
+    ("favor++ orthogonal", "favor++ iid"),
+)
+
+
+def comparison_table(rows, num_features) -> str:
+    """Ratio of mean errors (< 1: the challenger is better) and how many seeds the challenger wins."""
+    by_key = {(r["variant"], r["logit_std"], r["num_features"]): r for r in rows}
+    lines = [
+        "Paired comparisons on the same inputs: ratio of mean errors (challenger / baseline; below 1 = better), "
+        "and the number of seeds on which the challenger's error is lower.",
+        "",
+        "| challenger vs baseline | logit std | " + " | ".join(f"m = {m}" for m in num_features) + " |",
+        "|---|---|" + "---|" * len(num_features),
+    ]
+    for challenger, baseline in COMPARISONS:
+        for logit_std in dict.fromkeys(r["logit_std"] for r in rows):
+            cells = []
+            for m in num_features:
+                a, b = by_key[(challenger, logit_std, m)], by_key[(baseline, logit_std, m)]
+                wins = sum(x < y for x, y in zip(a["errors"], b["errors"]))
+                cells.append(f"{a['mean'] / b['mean']:.2f} ({wins}/{len(a['errors'])})")
+            lines.append(f"| {challenger} vs {baseline} | {logit_std:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(rows, num_features, *, head_dim, length, seeds) -> str:
@@ -116,30 +147,40 @@ def markdown_table(rows, num_features, *, head_dim, length, seeds) -> str:
 
 
 def plot(rows, path: Path) -> None:
+    """Top row: the positive estimators; bottom row: trigonometric RFF (orders of magnitude worse) against FAVOR+."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stds = list(dict.fromkeys(r["logit_std"] for r in rows))
-    fig, axes = plt.subplots(1, len(stds), figsize=(4.2 * len(stds), 4), sharey=True)
-    for ax, logit_std in zip(axes, stds):
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            sel = [r for r in rows if r["variant"] == variant and r["logit_std"] == logit_std]
-            style = "--" if variant.endswith("iid") else "-"
-            ax.errorbar(
-                [r["num_features"] for r in sel], [r["mean"] for r in sel], yerr=[r["stderr"] for r in sel],
-                linestyle=style, marker="o", markersize=3, label=variant, capsize=2,
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"logit std {logit_std:g}")
-        ax.set_xlabel("features m")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("relative error of attention output")
-    axes[-1].legend(fontsize=7)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    colors = {"favor+": "tab:blue", "favor++": "tab:red", "hyperbolic": "tab:green", "rff": "tab:purple"}
+    panels = [
+        [v for v in variants if not v.startswith("rff")],
+        [v for v in variants if v.startswith("rff")] + ["favor+ orthogonal"],
+    ]
+    fig, axes = plt.subplots(2, len(stds), figsize=(4.2 * len(stds), 7.5), squeeze=False)
+    for row, selected in enumerate(panels):
+        for ax, logit_std in zip(axes[row], stds):
+            for variant in selected:
+                sel = [r for r in rows if r["variant"] == variant and r["logit_std"] == logit_std]
+                family, kind = variant.rsplit(" ", 1)
+                ax.errorbar(
+                    [r["num_features"] for r in sel], [r["mean"] for r in sel], yerr=[r["stderr"] for r in sel],
+                    color=colors.get(family), linestyle="--" if kind == "iid" else "-", marker="o", markersize=3,
+                    capsize=2, label=variant,
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"logit std {logit_std:g}")
+            ax.set_xlabel("features m")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[row][0].set_ylabel("relative error of attention output")
+        axes[row][-1].legend(fontsize=7)
+    fig.suptitle("Kernel attention vs exact softmax attention (lower is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -154,6 +195,7 @@ def main(argv=None) -> None:
     seeds = list(range(args.seeds))
     rows = quality_grid(VARIANTS, NUM_FEATURES, LOGIT_STDS, seeds, head_dim=args.head_dim, length=args.length)
     table = markdown_table(rows, NUM_FEATURES, head_dim=args.head_dim, length=args.length, seeds=seeds)
+    table += "\n" + comparison_table(rows, NUM_FEATURES)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "feature_map_quality.md").write_text(table)
