@@ -142,9 +142,12 @@ class KernelAttention(nn.Module):
 
         ``attention_mask`` (B, S), 1 = attend: masked keys are removed from the numerator and the normaliser.
         ``cache``: a dict (start with ``{}``) carrying the causal state between calls. ``query_mask`` (B, T) only
-        matters for maps with sequence statistics (``favor++``): it keeps padded queries out of them.
+        matters for maps with sequence statistics (``favor++``): it keeps padded queries out of them; in
+        self-attention (the same tensor as query and key) it defaults to ``attention_mask``.
         """
         key = value if key is None else key
+        if query_mask is None and query is key:
+            query_mask = attention_mask
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(
                 "query, key and value must be [batch, length, dim]; got shapes "

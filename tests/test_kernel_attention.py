@@ -127,6 +127,15 @@ def test_padded_keys_do_not_change_the_output(name):
     torch.testing.assert_close(out[:1], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_self_attention_with_padding_equals_the_unpadded_sequence_for_favor_plus_plus():
+    """favor++ statistics span the sequence: in self-attention the padding mask also keeps padded queries out."""
+    attn = layer("favor++")
+    x, _, _ = inputs(batch=1, t=5)
+    padded = torch.cat([torch.full((1, 3, E), 4.0), x], 1)
+    mask = torch.tensor([[False] * 3 + [True] * 5])
+    torch.testing.assert_close(attn(padded, padded, attention_mask=mask)[:, 3:], attn(x, x), rtol=1e-5, atol=1e-5)
+
+
 def test_favor_plus_approaches_exact_attention_with_many_features():
     exact = layer("exact")
     approx = layer("favor+", num_features=4096)
