@@ -234,8 +234,10 @@ class PerformerAttention(nn.Module):
             # TF KernelAttention: temperature grows with log(length) to keep the attention entropy steady.
             count = key_mask.sum(-1).clamp_min(2).float()  # (B,)
             scale = scale * (torch.log(count) / math.log(512)).sqrt().view(-1, 1, 1, 1)
-        q_features = self.feature_map.query_features(q * scale)  # (B, h, N, m)
-        k_features, k_log_scale = self.feature_map.key_features(k * scale)  # (B, h, N, m), (B, h, N)
+        # masks go in because some maps (favor++, softmax_no_projection) take statistics over the real tokens
+        q_features, k_features, k_log_scale = self.feature_map.attention_features(
+            q * scale, k * scale, key_mask=key_mask, query_mask=key_mask, causal=self.causal
+        )  # (B, h, N, m), (B, h, N, m), (B, h, N) or None
         if not self.causal:
             out = linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
                                    implementation=config.attention_implementation)

@@ -5,7 +5,6 @@ redraw / save / reload; and the quality ordering measured by ``benchmarks/featur
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
 import statistics
 from pathlib import Path
@@ -16,7 +15,6 @@ import torch
 from hf_performer import PerformerConfig, PerformerForCausalLM, PerformerModel, available_feature_maps
 from hf_performer import feature_maps as fm
 from hf_performer.feature_maps import FEATURE_MAPS, FeatureMap, get_feature_map_class, register_feature_map
-from hf_performer.modeling_performer import PerformerAttention
 from hf_performer.ops import causal_linear_attention, linear_attention
 
 
@@ -538,11 +536,6 @@ def test_low_precision_inputs_give_finite_fp32_features(map_id, dtype):
 # Through the model
 # ----------------------------------------------------------------------------------------------------------------
 
-MODEL_USES_ATTENTION_FEATURES = "attention_features" in inspect.getsource(PerformerAttention)
-NEEDS_MODEL_CHANGE = pytest.mark.skipif(
-    not MODEL_USES_ATTENTION_FEATURES,
-    reason="PerformerAttention._kernel_attention must call feature_map.attention_features (issue 3 report)",
-)
 MODEL_MAPS = sorted(FEATURE_MAPS)
 
 
@@ -553,8 +546,6 @@ def _tiny(make_config, name, **overrides):
 
 @pytest.mark.parametrize("name", MODEL_MAPS)
 def test_every_map_runs_bidirectional_through_the_model(make_config, name):
-    if not FEATURE_MAPS[name].supports_causal and not MODEL_USES_ATTENTION_FEATURES:
-        pytest.skip("favor++ needs PerformerAttention to call feature_map.attention_features (issue 3 report)")
     torch.manual_seed(0)
     model = PerformerModel(_tiny(make_config, name, causal=False)).eval()
     ids = torch.randint(3, 32, (2, 6))
@@ -580,7 +571,6 @@ def test_every_causal_map_decodes_like_the_full_pass(make_config, name):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
-@NEEDS_MODEL_CHANGE
 def test_model_keeps_padding_out_of_favor_plus_plus_statistics(make_config):
     torch.manual_seed(0)
     model = PerformerModel(_tiny(make_config, "favor++", causal=False, position_embedding_type="none")).eval()
