@@ -42,13 +42,13 @@ State = tuple[torch.Tensor, torch.Tensor | None]  # (kv (B, H, m, d+1) fp32, log
 
 IMPLEMENTATIONS = ("auto", "chunked", "quadratic")
 
-# Tokens handled per step of the chunk loop: the block's (C, C) scores and (C, m) features stay in the CPU's cache,
-# which doubles the speed of the small batched matmuls compared with one pass over the whole sequence.
-BLOCK_TOKENS = 512
+# Tokens (summed over heads) handled per step of the chunk loop: the block's features and (C, C) scores stay in the
+# CPU's cache, which doubles the speed of the small batched matmuls compared with one pass over the whole sequence.
+BLOCK_TOKENS = 4096
 
-# Inside a chunk the per-token running maxima c_t are folded into the queries as exp(c_end - c_t) when they span at
-# most this many nats (nearly always): no (C, C) matrix of exponentials is needed. Wider spans use exact weights.
-FAST_SCALE_SPAN = 20.0
+# The running sum over a block's chunks is a cumsum at one reference scale when the block's log-scale maxima span at
+# most this many nats (so every weight exp(<= SCAN_SPAN) is finite in fp32); otherwise a loop rescales chunk by chunk.
+SCAN_SPAN = 60.0
 
 
 def _append_ones(v: torch.Tensor) -> torch.Tensor:
@@ -196,193 +196,272 @@ def _quadratic_attention(q, k, v, *, causal: bool, k_log_scale, initial_state: S
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Block:
-    """One block of tokens [start, end) cut into nb chunks of C, with everything forward and backward share.
+def _block_layout(groups: int, length: int, chunk: int) -> tuple[int, int]:
+    """(heads per block, tokens per block) for about BLOCK_TOKENS tokens per block. A block is either whole
+    sequences of several heads or part of one head's sequence, so its (X, C, .) chunk view never needs a copy."""
+    if length <= BLOCK_TOKENS:
+        return max(1, min(groups, BLOCK_TOKENS // length)), length
+    return 1, max(1, BLOCK_TOKENS // chunk) * chunk
 
-    Per chunk i: ce_i is the running max at its last token, cp_i = ce_{i-1} the scale of the state entering it.
-    fast (or no log scale): queries carry a = exp(ce - c_t), keys e = exp(l_u - ce); a masked product of those is
-    exactly exp(l_u - c_t) q.k, and the state entering chunk i is wanted at scale ce_i ("ref" = ce).
-    exact: weights exp(l_u - c_t) as a (C, C) matrix, the entering state at scale cp_i ("ref" = cp).
+
+class _Block:
+    """hb heads x nb chunks of C tokens (X = hb * nb chunks), with everything forward and backward share.
+
+    Chunk i sees its own keys through masked weights ``weights[t, u] = exp(l_u - c_t)`` (u <= t, each <= 1) and
+    earlier keys through the state entering it, kept at scale cp_i (the running max before the chunk) and brought
+    to query t's scale by ``row_scale[t] = exp(cp_i - c_t)`` <= 1. A chunk's keys join the state at the scale ce_i
+    of its last token: U_i = k_i^T (e_i [v_i | 1]) with ``e[u] = exp(l_u - ce_i)`` <= 1. Without log scales all of
+    these are 1 and ``weights`` is the causal mask.
     """
 
-    def __init__(self, q, k, v, log_scale, c, c_start, start, end, chunk, ct):
-        g = q.shape[0]
-        length = end - start
-        nb = -(-length // chunk)
-        pad = nb * chunk - length
-        self.nb, self.length, self.chunk = nb, length, chunk
-        qb, kb, vb = q[:, start:end].to(ct), k[:, start:end].to(ct), v[:, start:end].to(ct)
-        if pad:
-            qb, kb, vb = (F.pad(x, (0, 0, 0, pad)) for x in (qb, kb, vb))
-        self.q = qb.reshape(g, nb, chunk, -1)  # (G, nb, C, m)
-        self.k = kb.reshape(g, nb, chunk, -1)  # (G, nb, C, m)
-        self.v = _append_ones(vb).view(g, nb, chunk, -1)  # (G, nb, C, d+1)
-        self.mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # (C, C), u <= t
-        lower = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril(-1)  # (nb, nb), j < i
+    def __init__(self, q, k, v, log_scale, c, c_start, heads: slice, start: int, end: int, chunk: int, ct):
+        hb, nb = heads.stop - heads.start, (end - start) // chunk
+        x = hb * nb
+        self.hb, self.nb, self.chunk = hb, nb, chunk
+        self.q = q[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m), a view for fp32 inputs
+        self.k = k[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m)
+        self.v = _append_ones(v[heads, start:end].to(ct)).view(x, chunk, -1)  # (X, C, d+1)
+        self.causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # u <= t
         self.stabilised = log_scale is not None
-        self.fast = True
         if not self.stabilised:
-            self.qa, self.kt = self.q, self.k
-            self.decay = lower.to(ct)  # F[i, j] = 1 for j < i
-            self.w_start = q.new_ones(g, nb, dtype=ct)  # (G, nb)
-            self.w_end = q.new_ones(g, nb, dtype=ct)  # (G, nb)
-            self.start_to_end = q.new_ones(g, dtype=ct)  # (G,)
+            self.ve, self.row_scale, self.e = self.v, None, None
             return
-        lb, cb = log_scale[:, start:end].to(ct), c[:, start:end].to(ct)  # (G, T)
-        if pad:
-            lb = F.pad(lb, (0, pad), value=NEG_LOG_SCALE)
-            cb = torch.cat([cb, cb[:, -1:].expand(g, pad)], dim=-1)
-        lb, cb = lb.view(g, nb, chunk), cb.view(g, nb, chunk)  # (G, nb, C)
-        ce = cb[..., -1]  # (G, nb)
-        cp = torch.cat([c_start.unsqueeze(-1), ce[:, :-1]], dim=-1)  # (G, nb)
-        # Queries with no key yet (c_t = NEG) see nothing; their gap is irrelevant and is not counted.
-        gap = (ce.unsqueeze(-1) - cb).masked_fill(cb <= NEG_LOG_SCALE / 2, 0.0)  # (G, nb, C)
-        self.fast = bool(gap.max() <= FAST_SCALE_SPAN)
-        self.e = torch.exp(lb - ce.unsqueeze(-1))  # (G, nb, C), <= 1
-        self.kt = self.k * self.e.unsqueeze(-1)  # (G, nb, C, m): keys at their chunk's end scale
-        if self.fast:
-            self.a = torch.exp(gap)  # (G, nb, C), <= exp(FAST_SCALE_SPAN)
-            self.qa = self.q * self.a.unsqueeze(-1)  # (G, nb, C, m)
-            ref = ce
-        else:
-            exponent = lb.unsqueeze(-2) - cb.unsqueeze(-1)  # (G, nb, C, C): l_u - c_t
-            self.weights = exponent.masked_fill(~self.mask, float("-inf")).exp()
-            self.g = torch.exp(cp.unsqueeze(-1) - cb)  # (G, nb, C), <= 1
-            ref = cp
-        # decay[i, j] = exp(ce_j - ref_i) for j < i: how chunk j's keys enter the state seen by chunk i.
-        exponent = ce.unsqueeze(-2) - ref.unsqueeze(-1)  # (G, nb, nb)
-        self.decay = exponent.masked_fill(~lower, float("-inf")).exp()
-        self.w_start = torch.exp(c_start.unsqueeze(-1) - ref)  # (G, nb): the block's entering state
-        self.w_end = torch.exp(ce - ce[:, -1:])  # (G, nb): chunk j's keys in the block's final state
-        self.start_to_end = torch.exp(c_start - ce[:, -1])  # (G,)
-        self.ref_to_end = torch.exp(ref[:, -1] - ce[:, -1])  # (G,)
+        lb = log_scale[heads, start:end].to(ct).view(hb, nb, chunk)  # (hb, nb, C)
+        cb = c[heads, start:end].to(ct).view(hb, nb, chunk)  # (hb, nb, C)
+        self.c_start = c_start[heads]  # (hb,)
+        self.ce = ce = cb[..., -1]  # (hb, nb)
+        self.cp = cp = torch.cat([self.c_start.unsqueeze(-1), ce[:, :-1]], dim=-1)  # (hb, nb)
+        exponent = lb.unsqueeze(-2) - cb.unsqueeze(-1)  # (hb, nb, C, C): l_u - c_t
+        self.weights = exponent.masked_fill_(~self.causal, float("-inf")).exp_().view(x, chunk, chunk)
+        self.row_scale = torch.exp(cp.unsqueeze(-1) - cb).view(x, chunk, 1)  # (X, C, 1)
+        self.e = torch.exp(lb - ce.unsqueeze(-1)).view(x, chunk, 1)  # (X, C, 1)
+        self.ve = self.v * self.e  # (X, C, d+1)
+        # The scan over chunks runs as a cumsum at one reference scale r (the block's smallest chunk-end max) when
+        # the block's maxima span at most SCAN_SPAN nats; otherwise as a loop that rescales step by step.
+        valid = ce > NEG_LOG_SCALE / 2
+        ref = torch.where(valid, ce, float("inf")).amin(dim=1)  # (hb,)
+        ref = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
+        span = torch.where(valid, ce, float("-inf")).amax(dim=1) - ref
+        self.cumsum_scan = bool((span <= SCAN_SPAN).all())
+        c_end = ce[:, -1]
+        self.w_in = torch.exp(ce - ref.unsqueeze(-1))  # (hb, nb): chunk j's keys at scale r, <= exp(SCAN_SPAN)
+        self.w_out = torch.exp((ref.unsqueeze(-1) - cp).clamp(max=SCAN_SPAN))  # (hb, nb): scale r -> cp_i
+        self.ref_to_end = torch.exp((ref - c_end).clamp(max=SCAN_SPAN))  # (hb,)
+        self.w_start = torch.exp(self.c_start.unsqueeze(-1) - cp)  # (hb, nb): the block's entering state
+        self.w_end = torch.exp(ce - c_end.unsqueeze(-1))  # (hb, nb): chunk j's keys in the leaving state
+        self.start_to_end = torch.exp(self.c_start - c_end)  # (hb,)
 
     def chunk_kv(self) -> Tensor:
-        return self.kt.transpose(-1, -2) @ self.v  # (G, nb, m, d+1)
-
-    def entering_states(self, kv_chunks: Tensor, state: Tensor) -> Tensor:
-        """State seen by each chunk (at scale ref_i): sum_{j<i} decay[i, j] U_j + w_start[i] S_start."""
-        g, nb, m, d1 = kv_chunks.shape
-        states = (self.decay @ kv_chunks.reshape(g, nb, m * d1)).view(g, nb, m, d1)
-        return states.add_(self.w_start[..., None, None] * state.unsqueeze(1))  # (G, nb, m, d+1)
+        return self.k.transpose(-1, -2) @ self.ve  # (X, m, d+1)
 
     def scores(self) -> Tensor:
-        """Masked intra-chunk attention weights (G, nb, C, C)."""
-        if self.fast:
-            return (self.qa @ self.kt.transpose(-1, -2)).masked_fill_(~self.mask, 0.0)
-        return (self.q @ self.k.transpose(-1, -2)).mul_(self.weights)
+        """Masked, weighted intra-chunk attention (X, C, C)."""
+        scores = self.q @ self.k.transpose(-1, -2)
+        return scores.masked_fill_(~self.causal, 0.0) if self.row_scale is None else scores.mul_(self.weights)
+
+    def mask_grad(self, d_scores: Tensor) -> Tensor:
+        return d_scores.masked_fill_(~self.causal, 0.0) if self.row_scale is None else d_scores.mul_(self.weights)
+
+    def scan(self, kv: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """kv (X, m, d+1) per chunk and the block's entering state (hb, m, d+1) -> state entering each chunk
+        (X, m, d+1, at scale cp_i) and the state leaving the block (hb, m, d+1, at the last token's scale)."""
+        hb, nb = self.hb, self.nb
+        kv = kv.view(hb, nb, *kv.shape[1:])
+        if not self.stabilised:
+            inclusive = kv.cumsum(dim=1)
+            return _shift(inclusive, 1).add_(state.unsqueeze(1)).flatten(0, 1), inclusive[:, -1] + state
+        if self.cumsum_scan:
+            inclusive = (kv * self.w_in[..., None, None]).cumsum(dim=1)
+            entering = _shift(inclusive, 1).mul_(self.w_out[..., None, None])
+            entering.add_(self.w_start[..., None, None] * state.unsqueeze(1))
+            leaving = inclusive[:, -1] * self.ref_to_end[:, None, None] + self.start_to_end[:, None, None] * state
+            return entering.flatten(0, 1), leaving
+        entering = torch.empty_like(kv)
+        current = state
+        for i in range(nb):
+            if i:  # the state moves from scale cp_{i-1} to cp_i = ce_{i-1}, the last chunk's keys join at 1
+                step = torch.exp(self.cp[:, i - 1] - self.cp[:, i])[:, None, None]
+                current = current * step + kv[:, i - 1]
+            entering[:, i] = current
+        step = torch.exp(self.cp[:, -1] - self.ce[:, -1])[:, None, None]
+        return entering.flatten(0, 1), current * step + kv[:, -1]
+
+    def scan_backward(self, d_entering: Tensor, d_leaving: Tensor) -> tuple[Tensor, Tensor]:
+        """Transpose of ``scan``: gradients w.r.t. the per-chunk kv (X, m, d+1) and the entering state (hb, ...)."""
+        hb, nb = self.hb, self.nb
+        d_entering = d_entering.view(hb, nb, *d_entering.shape[1:])
+        if not self.stabilised:
+            suffix = d_entering.flip(1).cumsum(dim=1).flip(1)  # sum over i >= j
+            return _shift(suffix, -1).add_(d_leaving.unsqueeze(1)).flatten(0, 1), suffix[:, 0] + d_leaving
+        d_state = (d_entering * self.w_start[..., None, None]).sum(dim=1)
+        d_state.add_(self.start_to_end[:, None, None] * d_leaving)
+        if self.cumsum_scan:
+            suffix = (d_entering * self.w_out[..., None, None]).flip(1).cumsum(dim=1).flip(1)
+            d_kv = _shift(suffix, -1).mul_(self.w_in[..., None, None])
+            d_kv.add_(self.w_end[..., None, None] * d_leaving.unsqueeze(1))
+            return d_kv.flatten(0, 1), d_state
+        d_kv = torch.empty_like(d_entering)
+        current = d_leaving
+        for j in reversed(range(nb)):
+            d_kv[:, j] = current
+            if j:
+                step = torch.exp(self.ce[:, j - 1] - self.ce[:, j])[:, None, None]
+                current = d_entering[:, j] + current * step
+        return d_kv.flatten(0, 1), d_state
 
 
-def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk_size, block_size):
+def _shift(x: Tensor, steps: int) -> Tensor:
+    """Exclusive from inclusive scans along dim 1 by shifting (subtracting would cancel catastrophically)."""
+    out = torch.zeros_like(x)
+    if steps > 0:
+        out[:, steps:] = x[:, :-steps]
+    else:
+        out[:, :steps] = x[:, -steps:]
+    return out
+
+
+def _running_max(log_scale, c0, ct):
+    """(log_scale, c = max(c0, max_{u<=t} log_scale_u), c0), all (G, N) / (G,) and None without log scale."""
+    if log_scale is None:
+        return None, None, None
+    log_scale, c0 = log_scale.to(ct), c0.to(ct)
+    return log_scale, torch.maximum(torch.cummax(log_scale, dim=-1).values, c0.unsqueeze(-1)), c0
+
+
+def _flatten_inputs(q, k, v, log_scale, chunk):
+    """(G, Np, .) views of the inputs, padded to a whole number of chunks (a copy only when N % C != 0)."""
+    batch, heads, length, m = q.shape
+    g, pad = batch * heads, -length % chunk
+    q, k, v = q.reshape(g, length, m), k.reshape(g, length, m), v.reshape(g, length, v.shape[-1])
+    if log_scale is not None:
+        log_scale = log_scale.reshape(g, length)
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        if log_scale is not None:
+            log_scale = F.pad(log_scale, (0, pad), value=NEG_LOG_SCALE)
+    return q, k, v, log_scale
+
+
+def _blocks(groups: int, length: int, chunk: int):
+    """(heads slice, token-block index, start, end) in forward order: head groups outside, tokens inside."""
+    hb, tokens = _block_layout(groups, length, chunk)
+    for g0 in range(0, groups, hb):
+        for index, start in enumerate(range(0, length, tokens)):
+            yield slice(g0, min(groups, g0 + hb)), index, start, min(length, start + tokens)
+
+
+def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
     batch, heads, length, m = q.shape
     d = v.shape[-1]
-    g = batch * heads
     ct = _compute_dtype(q.dtype)
-    q3, k3, v3 = q.reshape(g, length, m), k.reshape(g, length, m), v.reshape(g, length, d)
-    out = torch.empty(g, length, d, dtype=v.dtype, device=v.device)
-    normaliser = torch.empty(g, length, dtype=ct, device=v.device)
-    n_blocks = -(-length // block_size)
-    block_states = torch.empty(g, n_blocks, m, d + 1, dtype=ct, device=v.device)  # state entering each block
-    state = kv0.reshape(g, m, d + 1).to(ct)
-    log_scale, c, c_start = _running_max(log_scale, c0, g, length, ct)
-    for b in range(n_blocks):
-        start, end = b * block_size, min(length, (b + 1) * block_size)
-        block_states[:, b] = state
-        blk = _Block(q3, k3, v3, log_scale, c, c_start, start, end, chunk_size, ct)
-        kv_chunks = blk.chunk_kv()  # (G, nb, m, d+1)
-        entering = blk.entering_states(kv_chunks, state)  # (G, nb, m, d+1)
-        if blk.fast:
-            out_aug = blk.qa @ entering  # (G, nb, C, d+1)
-        else:
-            out_aug = (blk.q @ entering).mul_(blk.g.unsqueeze(-1))
-        out_aug = out_aug.add_(blk.scores() @ blk.v).view(g, -1, d + 1)[:, : blk.length]  # (G, T, d+1)
-        out[:, start:end] = _normalise(out_aug)
-        normaliser[:, start:end] = out_aug[..., -1]
-        state = entering[:, -1] * blk.ref_to_end[:, None, None] + kv_chunks[:, -1] if blk.stabilised else (
-            entering[:, -1] + kv_chunks[:, -1]
-        )
-        if log_scale is not None:
-            c_start = c[:, end - 1]
-    c_end = c_start if log_scale is not None else q.new_zeros(g, dtype=ct)
+    q3, k3, v3, l3 = _flatten_inputs(q, k, v, log_scale, chunk)
+    g, padded = q3.shape[:2]
+    log_scale, c, c0 = _running_max(l3, None if c0 is None else c0.reshape(g), ct)
+    out = torch.empty(g, padded, d, dtype=v.dtype, device=v.device)
+    normaliser = torch.empty(g, padded, dtype=ct, device=v.device)
+    tokens = _block_layout(g, padded, chunk)[1]
+    block_states = torch.empty(g, -(-padded // tokens), m, d + 1, dtype=ct, device=v.device)  # entering states
+    kv0 = kv0.reshape(g, m, d + 1).to(ct)
+    kv_end = torch.empty(g, m, d + 1, dtype=ct, device=v.device)
+    for heads_, index, start, end in _blocks(g, padded, chunk):
+        if start == 0:
+            state = kv0[heads_]  # (hb, m, d+1), at scale c_start
+        c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
+        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct)
+        block_states[heads_, index] = state
+        entering, state = blk.scan(blk.chunk_kv(), state)  # (X, m, d+1), (hb, m, d+1)
+        out_aug = blk.q @ entering  # (X, C, d+1): what earlier chunks contribute
+        if blk.row_scale is not None:
+            out_aug.mul_(blk.row_scale)
+        out_aug.baddbmm_(blk.scores(), blk.v)  # plus this chunk's own keys
+        z = out_aug[..., -1:]  # (X, C, 1)
+        normaliser[heads_, start:end] = z.reshape(blk.hb, -1)
+        y = _workspace(out[heads_, start:end].view(-1, chunk, d), ct)
+        torch.div(out_aug[..., :-1], _safe(z), out=y)
+        _write_back(out[heads_, start:end], y)
+        if end == padded:
+            kv_end[heads_] = state
+    c_end = c[:, -1] if c is not None else q.new_zeros(g, dtype=ct)
+    if padded != length:
+        out, normaliser = out[:, :length].contiguous(), normaliser[:, :length].contiguous()
     return (
         out.view(batch, heads, length, d),
         normaliser.view(batch, heads, length),
-        state.view(batch, heads, m, d + 1),
+        kv_end.view(batch, heads, m, d + 1),
         c_end.reshape(batch, heads).clone(),
-        block_states.view(batch, heads, n_blocks, m, d + 1),
+        block_states.view(batch, heads, -1, m, d + 1),
     )
 
 
-def _running_max(log_scale, c0, g, length, ct):
-    """(log_scale (G, N), c (G, N) = max(c0, max_{u<=t} log_scale_u), c0 (G,)), all None without log scale."""
-    if log_scale is None:
-        return None, None, None
-    log_scale = log_scale.reshape(g, length).to(ct)
-    c_start = c0.reshape(g).to(ct)
-    c = torch.maximum(torch.cummax(log_scale, dim=-1).values, c_start.unsqueeze(-1))  # (G, N)
-    return log_scale, c, c_start
-
-
-def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size,
-                           block_size):
+def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk):
     batch, heads, length, m = q.shape
     d = v.shape[-1]
-    g = batch * heads
     ct = _compute_dtype(q.dtype)
-    q3, k3, v3 = q.reshape(g, length, m), k.reshape(g, length, m), v.reshape(g, length, d)
+    q3, k3, v3, l3 = _flatten_inputs(q, k, v, log_scale, chunk)
+    g, padded = q3.shape[:2]
+    pad = padded - length
     dy3, y3 = grad_out.reshape(g, length, d), out.reshape(g, length, d)
     z3 = normaliser.reshape(g, length)
+    if pad:
+        dy3, y3, z3 = F.pad(dy3, (0, 0, 0, pad)), F.pad(y3, (0, 0, 0, pad)), F.pad(z3, (0, pad))
+    log_scale, c, c0 = _running_max(l3, None if c0 is None else c0.reshape(g), ct)
     states = block_states.reshape(g, -1, m, d + 1)
-    dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-    d_state = grad_kv.reshape(g, m, d + 1).to(ct)  # gradient w.r.t. the state leaving the current block
-    log_scale, c, c0 = _running_max(log_scale, c0, g, length, ct)
-    for b in reversed(range(states.shape[1])):
-        start, end = b * block_size, min(length, (b + 1) * block_size)
-        c_start = None if log_scale is None else (c0 if b == 0 else c[:, start - 1])
-        blk = _Block(q3, k3, v3, log_scale, c, c_start, start, end, chunk_size, ct)
-        nb, chunk, pad = blk.nb, blk.chunk, blk.nb * blk.chunk - blk.length
-        dy, y, z = dy3[:, start:end].to(ct), y3[:, start:end].to(ct), z3[:, start:end]
-        if pad:
-            dy, y, z = F.pad(dy, (0, 0, 0, pad)), F.pad(y, (0, 0, 0, pad)), F.pad(z, (0, pad))
-        # out = numerator / z: d numerator = dy / z, dz = -(dy . out) / z (0 where the output was forced to 0).
+    dq = torch.empty(g, padded, m, dtype=q.dtype, device=q.device)
+    dk = torch.empty(g, padded, m, dtype=k.dtype, device=k.device)
+    dv = torch.empty(g, padded, d, dtype=v.dtype, device=v.device)
+    d_kv0 = torch.empty(g, m, d + 1, dtype=ct, device=q.device)
+    grad_kv = grad_kv.reshape(g, m, d + 1).to(ct)
+    for heads_, index, start, end in reversed(list(_blocks(g, padded, chunk))):
+        if end == padded:
+            d_state = grad_kv[heads_]  # gradient w.r.t. the state leaving this block, (hb, m, d+1)
+        c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
+        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct)
+        x = blk.hb * blk.nb
+        dy, y = dy3[heads_, start:end].to(ct).reshape(x, chunk, d), y3[heads_, start:end].to(ct).reshape(x, chunk, d)
+        z = z3[heads_, start:end].reshape(x, chunk, 1)
+        # y = numerator / z: d numerator = dy / z, dz = -(dy . y) / z (0 where the output was forced to 0).
         safe = _safe(z)
-        d_z = -(dy * y).sum(-1) / safe * (z.abs() > 1e-30)  # (G, T)
-        d_out = torch.cat([dy / safe.unsqueeze(-1), d_z.unsqueeze(-1)], dim=-1).view(g, nb, chunk, d + 1)
+        d_z = (dy * y).sum(-1, keepdim=True).div_(safe).mul_(z.abs() > 1e-30).neg_()  # (X, C, 1)
+        d_out = torch.cat([dy / safe, d_z], dim=-1)  # (X, C, d+1)
+        d_out_scaled = d_out if blk.row_scale is None else d_out * blk.row_scale
 
-        kv_chunks = blk.chunk_kv()  # (G, nb, m, d+1)
-        entering = blk.entering_states(kv_chunks, states[:, b])  # (G, nb, m, d+1)
-        d_scores = (d_out @ blk.v.transpose(-1, -2)).masked_fill_(~blk.mask, 0.0)  # (G, nb, C, C)
-        scores = blk.scores()  # (G, nb, C, C)
-        if blk.fast:
-            d_qa = d_scores @ blk.kt + d_out @ entering.transpose(-1, -2)  # (G, nb, C, m)
-            d_entering = blk.qa.transpose(-1, -2) @ d_out  # (G, nb, m, d+1)
-        else:
-            d_scores = d_scores.mul_(blk.weights)  # gradient w.r.t. q.k^T
-            d_q = d_scores @ blk.k + (d_out @ entering.transpose(-1, -2)).mul_(blk.g.unsqueeze(-1))
-            d_entering = (blk.q * blk.g.unsqueeze(-1)).transpose(-1, -2) @ d_out
-        # Each chunk's keys reach later chunks of this block (decay^T) and the state leaving the block (w_end).
-        flat = d_entering.reshape(g, nb, m * (d + 1))
-        d_kv_chunks = (blk.decay.transpose(-1, -2) @ flat).view(g, nb, m, d + 1)
-        d_kv_chunks.add_(blk.w_end[..., None, None] * d_state.unsqueeze(1))  # (G, nb, m, d+1)
-        d_state = (blk.w_start.unsqueeze(-2) @ flat).view(g, m, d + 1) + blk.start_to_end[:, None, None] * d_state
+        entering, _ = blk.scan(blk.chunk_kv(), states[heads_, index])  # (X, m, d+1)
+        d_scores = blk.mask_grad(d_out @ blk.v.transpose(-1, -2))  # (X, C, C): gradient w.r.t. q k^T
+        d_entering = blk.q.transpose(-1, -2) @ d_out_scaled  # (X, m, d+1)
+        d_kv, d_state = blk.scan_backward(d_entering, d_state)  # (X, m, d+1), (hb, m, d+1)
 
-        d_kt_state = blk.v @ d_kv_chunks.transpose(-1, -2)  # (G, nb, C, m)
-        if blk.fast:
-            d_kt = d_scores.transpose(-1, -2) @ blk.qa + d_kt_state
-            d_q = d_qa * blk.a.unsqueeze(-1) if blk.stabilised else d_qa
-            d_k = d_kt * blk.e.unsqueeze(-1) if blk.stabilised else d_kt
-        else:
-            d_k = d_scores.transpose(-1, -2) @ blk.q + d_kt_state.mul_(blk.e.unsqueeze(-1))
-        d_v = scores.transpose(-1, -2) @ d_out[..., :d] + blk.kt @ d_kv_chunks[..., :d]  # (G, nb, C, d)
-        dq[:, start:end] = d_q.view(g, -1, m)[:, : blk.length]
-        dk[:, start:end] = d_k.view(g, -1, m)[:, : blk.length]
-        dv[:, start:end] = d_v.view(g, -1, d)[:, : blk.length]
+        # Each gradient is accumulated in place in its slice of the output (fp32 inputs) or in an fp32 scratch.
+        d_q = _workspace(dq[heads_, start:end].view(x, chunk, m), ct)
+        torch.bmm(d_out_scaled, entering.transpose(-1, -2), out=d_q).baddbmm_(d_scores, blk.k)
+        d_k = _workspace(dk[heads_, start:end].view(x, chunk, m), ct)
+        torch.bmm(blk.ve, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
+        d_v = _workspace(dv[heads_, start:end].view(x, chunk, d), ct)
+        torch.bmm(blk.k, d_kv[..., :d], out=d_v)
+        if blk.e is not None:
+            d_v.mul_(blk.e)
+        d_v.baddbmm_(blk.scores().transpose(-1, -2), d_out[..., :d])
+        for full, block in ((dq, d_q), (dk, d_k), (dv, d_v)):
+            _write_back(full[heads_, start:end], block)
+        if start == 0:
+            d_kv0[heads_] = d_state
+    if pad:
+        dq, dk, dv = dq[:, :length], dk[:, :length], dv[:, :length]
     return (
-        dq.view(q.shape),
-        dk.view(k.shape),
-        dv.view(v.shape),
-        d_state.view(batch, heads, m, d + 1),
+        dq.reshape(q.shape),
+        dk.reshape(k.shape),
+        dv.reshape(v.shape),
+        d_kv0.view(batch, heads, m, d + 1),
     )
+
+
+def _workspace(dst: Tensor, ct: torch.dtype) -> Tensor:
+    """``dst`` itself when it can hold fp32 accumulation, else an fp32 scratch of its shape."""
+    return dst if dst.dtype == ct and dst.is_contiguous() else torch.empty(dst.shape, dtype=ct, device=dst.device)
+
+
+def _write_back(dst: Tensor, block: Tensor) -> None:
+    if block.data_ptr() != dst.data_ptr():
+        dst.copy_(block.view(dst.shape))
 
 
 @torch.library.custom_op("hf_performer::chunked_causal_forward", mutates_args=())
@@ -394,18 +473,18 @@ def _chunked_forward(
     kv0: Tensor,
     c0: Optional[Tensor],
     chunk_size: int,
-    block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, normaliser, kv_end, c_end, block_states); opaque to torch.compile, so its Python loop is not unrolled."""
-    return _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk_size, block_size)
+    return _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk_size)
 
 
 @_chunked_forward.register_fake
-def _(q, k, v, log_scale, kv0, c0, chunk_size, block_size):
+def _(q, k, v, log_scale, kv0, c0, chunk_size):
     batch, heads, length, m = q.shape
     d = v.shape[-1]
     ct = _compute_dtype(q.dtype)
-    n_blocks = (length + block_size - 1) // block_size
+    padded = length + (-length % chunk_size)
+    n_blocks = -(-padded // _block_layout(batch * heads, padded, chunk_size)[1])
     return (
         v.new_empty(batch, heads, length, d),
         q.new_empty(batch, heads, length, dtype=ct),
@@ -428,24 +507,21 @@ def _chunked_backward(
     normaliser: Tensor,
     block_states: Tensor,
     chunk_size: int,
-    block_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d_kv0), recomputing every per-chunk quantity block by block, last block first."""
-    return _chunked_backward_impl(
-        grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size, block_size
-    )
+    return _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size)
 
 
 @_chunked_backward.register_fake
-def _(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size, block_size):
+def _(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(grad_kv)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_scale, kv0, c0, chunk_size, block_size = inputs
+    q, k, v, log_scale, kv0, c0, chunk_size = inputs
     out, normaliser, _, _, block_states = output
     ctx.save_for_backward(q, k, v, log_scale, c0, out, normaliser, block_states)
-    ctx.sizes = (chunk_size, block_size)
+    ctx.chunk_size = chunk_size
     ctx.kv0_dtype = kv0.dtype
 
 
@@ -457,9 +533,9 @@ def _backward(ctx, grad_out, grad_normaliser, grad_kv, grad_c, grad_states):
     if grad_kv is None:
         grad_kv = q.new_zeros(batch, heads, m, v.shape[-1] + 1, dtype=block_states.dtype)
     dq, dk, dv, dkv0 = _chunked_backward(
-        grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, *ctx.sizes
+        grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, ctx.chunk_size
     )
-    return dq, dk, dv, None, dkv0.to(ctx.kv0_dtype), None, None, None
+    return dq, dk, dv, None, dkv0.to(ctx.kv0_dtype), None, None
 
 
 torch.library.register_autograd(
@@ -518,8 +594,5 @@ def causal_linear_attention(
         initial_state = empty_state(batch, heads, num_features, head_dim, stabilised, q.device)
     kv0, c0 = initial_state
     chunk = max(1, min(chunk_size, length))
-    block = max(1, BLOCK_TOKENS // chunk) * chunk
-    out, _, kv, c_end, _ = _chunked_forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), k_log_scale, kv0, c0, chunk, block
-    )
+    out, _, kv, c_end, _ = _chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), k_log_scale, kv0, c0, chunk)
     return out, (kv, c_end if stabilised else None)
