@@ -15,6 +15,7 @@ from .attention_backend import PerformerKernel, prepare_model_for_performer_atte
 from .cache_performer import PerformerCache
 from .callbacks import PerformerFeatureRedrawCallback
 from .configuration_performer import PerformerConfig
+from .convert_performer_pytorch import convert_performer_pytorch
 from .feature_maps import (
     FEATURE_MAPS,
     FeatureMap,
@@ -48,6 +49,7 @@ PerformerForSequenceClassification.register_for_auto_class("AutoModelForSequence
 __all__ = [
     "PerformerKernel",
     "prepare_model_for_performer_attention",
+    "convert_performer_pytorch",
     "PerformerConfig",
     "PerformerModel",
     "PerformerForCausalLM",
