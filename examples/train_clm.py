@@ -63,6 +63,7 @@ TRAINING_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     seed=42,
+    ddp_find_unused_parameters=False,  # every parameter takes part in every step
 )
 
 
@@ -204,6 +205,12 @@ def build_model(model_args: ModelArguments, tokenizer) -> PerformerForCausalLM:
     return PerformerForCausalLM(config)
 
 
+def has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def ranks_agree(model) -> bool:
     """Whether every process holds the same random projections and redraw counter (and, under DDP, the same
     parameters). FSDP shards parameters, so there only the (unsharded) buffers are compared."""
@@ -228,7 +235,9 @@ def ranks_agree(model) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    parser.set_defaults(**TRAINING_DEFAULTS)
+    # Without an accelerator, `use_cpu` is what makes Trainer set up multi-process CPU training (gloo) under
+    # torchrun / accelerate launch; otherwise every process would train alone.
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not has_accelerator())
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -239,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.push_to_hub:
         push_repo = training_args.hub_model_id or Path(training_args.output_dir).name
     training_args.push_to_hub = False  # we push the finished folder ourselves, with our model card
+    if training_args.fsdp and not has_accelerator():
+        logger.warning(
+            "--fsdp: accelerate shards models only on accelerators; on CPU Trainer trains with DDP instead "
+            "(FSDP2's fully_shard itself works on CPU in a plain PyTorch loop, see tests/test_distributed.py)"
+        )
     set_seed(training_args.seed)
 
     if model_args.tokenizer_name:
@@ -331,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"unigram baseline     {baseline:.4f} nats/token (perplexity {math.exp(baseline):.2f})  "
           f"-> the model is {abs(baseline - val_loss):.4f} {verdict} it")
     if training_args.world_size > 1:
-        print(f"{training_args.world_size} processes: random features identical on all ranks: {agree}")
+        print(f"{training_args.world_size} processes ({type(trainer.model_wrapped).__name__}): random features "
+              f"identical on all ranks: {agree}")
     print(f"feature redraws      {results['feature_redraws']} (every {model.config.feature_redraw_interval} steps)")
     print(f"sample ({data_args.prompt!r}):\n{sample}")
     print("=" * 100)
