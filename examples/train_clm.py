@@ -43,7 +43,7 @@ from transformers import (
 
 import hf_performer  # noqa: F401  (registers model_type="performer" with the Auto classes)
 from hf_performer import PerformerConfig, PerformerFeatureRedrawCallback, PerformerForCausalLM
-from hf_performer.model_card import save_model_card
+from hf_performer.model_card import push_folder_to_hub, save_model_card
 
 logger = logging.getLogger("train_clm")
 
@@ -355,11 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"total time {time.perf_counter() - STARTED:.0f} s")
 
     if push_repo:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        repo_id = api.create_repo(push_repo, exist_ok=True, private=training_args.hub_private_repo).repo_id
-        api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="Upload Performer model")
+        repo_id = push_folder_to_hub(output_dir, push_repo, private=training_args.hub_private_repo,
+                                     token=training_args.hub_token)
+        results["hub_repo_id"] = repo_id
         print(f"pushed to https://huggingface.co/{repo_id}")
     return results
 

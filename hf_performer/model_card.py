@@ -150,4 +150,25 @@ def save_model_card(save_directory: str | Path, model, **kwargs) -> Path:
     return path
 
 
-__all__ = ["build_model_card", "save_model_card", "architecture_rows"]
+def push_folder_to_hub(folder: str | Path, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                       commit_message: str = "Upload Performer model") -> str:
+    """Upload a saved model folder as it is (weights, config with ``auto_map``, modeling code, tokenizer, card).
+
+    ``model.push_to_hub`` re-saves the model and takes the card from the Hub repository (a generic one for a new
+    repository); this keeps the card written by ``save_model_card``. One commit, like ``push_to_hub``.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+    api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message, token=token)
+    return repo_id
+
+
+__all__ = ["build_model_card", "save_model_card", "push_folder_to_hub", "architecture_rows"]
