@@ -1,0 +1,113 @@
+"""The examples, end to end with tiny settings: train_clm.py trains on the embedded corpus until it beats the unigram
+baseline, saves a complete folder (pushed to a stubbed Hub), generates; generate.py streams from that folder."""
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from huggingface_hub import HfApi
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--block_size", "64",
+        "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--warmup_steps", "10",
+        "--max_eval_samples", "32", "--eval_steps", "1000", "--logging_steps", "50", "--max_new_tokens", "20",
+        "--disable_tqdm", "true"]
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"examples_{name}"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_clm():
+    return load_example("train_clm")
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    hub = tmp_path / "hub"
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for operation in operations:
+            target = hub / repo_id / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(operation.path_or_fileobj, target)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return hub
+
+
+def test_unigram_baseline_is_the_cross_entropy_of_train_frequencies(train_clm):
+    train = Dataset.from_dict({"input_ids": [[0, 0, 1], [0, 2, 2]]})  # counts 0:3, 1:1, 2:2
+    validation = Dataset.from_dict({"input_ids": [[3, 0, 1], [1, 3, 2]]})  # targets: 0, 1, 3, 2
+    total = 6 + 4  # add-one over a vocabulary of 4
+    expected = -(math.log(4 / total) + math.log(2 / total) + math.log(1 / total) + math.log(3 / total)) / 4
+    assert train_clm.unigram_baseline_loss(train, validation, vocab_size=4) == pytest.approx(expected)
+
+
+def test_embedded_corpus_split_is_by_topic_and_needs_no_download(train_clm):
+    from pydoc_data.topics import topics
+
+    corpus = train_clm.embedded_corpus()
+    train, validation = corpus["train"]["text"], corpus["validation"]["text"]
+    assert len(train) + len(validation) == len(topics)
+    assert not set(train) & set(validation)
+    assert 0.05 < len(validation) / len(topics) < 0.2
+
+
+def test_train_clm_beats_the_unigram_baseline_saves_pushes_and_generates(train_clm, offline_hub, tmp_path,
+                                                                          capsys):
+    output_dir = tmp_path / "run"
+    results = train_clm.main(["--output_dir", str(output_dir), "--max_steps", "150", "--feature_redraw_interval",
+                              "50", "--push_to_hub", "--hub_model_id", "someone/pydoc-performer", *TINY])
+    printed = capsys.readouterr().out
+
+    assert results["validation_loss"] < results["unigram_baseline_loss"] - 0.2
+    assert results["feature_redraws"] == 3
+    for name in ("config.json", "model.safetensors", "modeling_performer.py", "tokenizer_config.json",
+                 "README.md", "eval_results.json"):
+        assert (output_dir / name).is_file(), name
+    saved = json.loads((output_dir / "eval_results.json").read_text())
+    assert saved["validation_loss"] == pytest.approx(results["validation_loss"])
+    assert "model-index" in (output_dir / "README.md").read_text()
+    assert sorted(p.name for p in (offline_hub / "someone/pydoc-performer").iterdir()) == \
+        sorted(p.name for p in output_dir.iterdir())
+    assert f"saved to {output_dir.resolve()}" in printed
+    assert "sample ('The with statement'):\nThe with statement" in printed
+
+    generate = load_example("generate")
+    text = generate.main([str(output_dir), "--prompt", "def f(x):", "--max_new_tokens", "12", "--seed", "1"])
+    streamed = capsys.readouterr().out
+    assert text.startswith("def f(x):") and len(text.encode()) > len("def f(x):")
+    assert text[len("def f(x):"):].strip() in streamed  # the new tokens were streamed to stdout
+
+
+def test_train_clm_reads_a_local_text_file(train_clm, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(400)))
+    results = train_clm.main(["--output_dir", str(tmp_path / "run"), "--train_file", str(corpus),
+                              "--validation_split_percentage", "10", "--max_steps", "3", *TINY])
+    assert math.isfinite(results["validation_loss"]) and math.isfinite(results["unigram_baseline_loss"])
