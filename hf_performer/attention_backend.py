@@ -55,7 +55,13 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
-from .feature_maps import FEATURE_MAPS, FeatureMap, RandomProjectionFeatureMap, available_feature_maps, default_num_features
+from .feature_maps import (
+    FEATURE_MAPS,
+    FeatureMap,
+    RandomProjectionFeatureMap,
+    available_feature_maps,
+    default_num_features,
+)
 from .modeling_performer import feature_seed as layer_feature_seed
 from .ops import causal_linear_attention, linear_attention
 
@@ -145,7 +151,8 @@ def build_kernel(module: nn.Module, config, head_dim: int) -> PerformerKernel:
     """The ``PerformerKernel`` that the config asks for, for one attention module."""
     name = _config_value(config, "performer_feature_map", DEFAULT_FEATURE_MAP)
     if name not in FEATURE_MAPS:
-        raise ValueError(f"performer_feature_map must be one of {available_feature_maps()} except 'exact', got {name!r}")
+        choices = [choice for choice in available_feature_maps() if choice in FEATURE_MAPS]
+        raise ValueError(f"performer_feature_map must be one of {choices}, got {name!r}")
     map_class = FEATURE_MAPS[name]
     options = dict(_config_value(config, "performer_feature_map_kwargs", {}))
     if issubclass(map_class, RandomProjectionFeatureMap):
