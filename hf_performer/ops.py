@@ -42,13 +42,14 @@ State = tuple[torch.Tensor, torch.Tensor | None]  # (kv (B, H, m, d+1) fp32, log
 
 IMPLEMENTATIONS = ("auto", "chunked", "quadratic")
 
+# A block runs without per-query scales when every query's running max of key log scales is within this many nats of
+# the max at the end of its chunk (nearly always); the fp32 range left to the normaliser is then exp(-87 + FAST_SPAN).
+FAST_SPAN = 20.0
+
 # Tokens (summed over heads) handled per step of the chunk loop: the block's features and (C, C) scores stay in the
 # CPU's cache, which doubles the speed of the small batched matmuls compared with one pass over the whole sequence.
 BLOCK_TOKENS = 4096
 
-# The running sum over a block's chunks is a cumsum at one reference scale when the block's log-scale maxima span at
-# most this many nats (so every weight exp(<= SCAN_SPAN) is finite in fp32); otherwise a loop rescales chunk by chunk.
-SCAN_SPAN = 60.0
 
 
 def _append_ones(v: torch.Tensor) -> torch.Tensor:
@@ -207,11 +208,16 @@ def _block_layout(groups: int, length: int, chunk: int) -> tuple[int, int]:
 class _Block:
     """hb heads x nb chunks of C tokens (X = hb * nb chunks), with everything forward and backward share.
 
-    Chunk i sees its own keys through masked weights ``weights[t, u] = exp(l_u - c_t)`` (u <= t, each <= 1) and
-    earlier keys through the state entering it, kept at scale cp_i (the running max before the chunk) and brought
-    to query t's scale by ``row_scale[t] = exp(cp_i - c_t)`` <= 1. A chunk's keys join the state at the scale ce_i
-    of its last token: U_i = k_i^T (e_i [v_i | 1]) with ``e[u] = exp(l_u - ce_i)`` <= 1. Without log scales all of
-    these are 1 and ``weights`` is the causal mask.
+    Chunk i adds its own keys through a masked (C, C) product and earlier keys through the state entering it,
+    U_j = k_j^T (e_j [v_j | 1]) summed over chunks j < i, where ``e[u] = exp(l_u - ce_j)`` <= 1 puts chunk j's keys
+    at the scale ce_j of its last token. Three modes:
+
+    * plain (no log scale): every scale is 1 and the weights are the causal mask.
+    * fast (log scales, and every query's running max c_t within FAST_SPAN nats of its chunk's ce_i): all of chunk i
+      is computed at scale ce_i; query t's numerator and normaliser then both carry exp(c_t - ce_i) >= exp(-FAST_SPAN),
+      which cancels in their ratio, so there are no (C, C) exponentials and no per-query scales at all.
+    * exact (otherwise): weights exp(l_u - c_t) <= 1, the entering state at scale cp_i = ce_{i-1}, brought to query
+      t by ``row_scale = exp(cp_i - c_t)`` <= 1. Nothing can overflow or lose range, whatever the log scales do.
     """
 
     def __init__(self, q, k, v, log_scale, c, c_start, heads: slice, start: int, end: int, chunk: int, ct):
@@ -220,104 +226,94 @@ class _Block:
         self.hb, self.nb, self.chunk = hb, nb, chunk
         self.q = q[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m), a view for fp32 inputs
         self.k = k[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m)
-        self.v = _append_ones(v[heads, start:end].to(ct)).view(x, chunk, -1)  # (X, C, d+1)
-        self.causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # u <= t
-        self.stabilised = log_scale is not None
-        if not self.stabilised:
-            self.ve, self.row_scale, self.e = self.v, None, None
+        v_aug = _append_ones(v[heads, start:end].to(ct)).view(x, chunk, -1)  # (X, C, d+1)
+        self.values = self.ve = v_aug  # values of the intra-chunk product, and of the chunk's state
+        self.weights = self.row_scale = self.e = None
+        # Scan factors: entering_0 = alpha0 S, entering_i = alpha_i entering_{i-1} + beta_i U_{i-1} (beta is 1 or
+        # alpha), leaving = alpha_end entering_last + U_last; None stands for 1.
+        self.alpha0 = self.alphas = self.alpha_end = None
+        self.fast = log_scale is None
+        if log_scale is None:
             return
         lb = log_scale[heads, start:end].to(ct).view(hb, nb, chunk)  # (hb, nb, C)
         cb = c[heads, start:end].to(ct).view(hb, nb, chunk)  # (hb, nb, C)
-        self.c_start = c_start[heads]  # (hb,)
-        self.ce = ce = cb[..., -1]  # (hb, nb)
-        self.cp = cp = torch.cat([self.c_start.unsqueeze(-1), ce[:, :-1]], dim=-1)  # (hb, nb)
-        exponent = lb.unsqueeze(-2) - cb.unsqueeze(-1)  # (hb, nb, C, C): l_u - c_t
-        self.weights = exponent.masked_fill_(~self.causal, float("-inf")).exp_().view(x, chunk, chunk)
-        self.row_scale = torch.exp(cp.unsqueeze(-1) - cb).view(x, chunk, 1)  # (X, C, 1)
+        c_start = c_start[heads]  # (hb,)
+        ce = cb[..., -1]  # (hb, nb)
+        gap = (ce.unsqueeze(-1) - cb).masked_fill_(cb <= NEG_LOG_SCALE / 2, 0.0)  # queries with no key yet see 0
+        self.fast = bool(gap.max() <= FAST_SPAN)
         self.e = torch.exp(lb - ce.unsqueeze(-1)).view(x, chunk, 1)  # (X, C, 1)
-        self.ve = self.v * self.e  # (X, C, d+1)
-        # The scan over chunks runs as a cumsum at one reference scale r (the block's smallest chunk-end max) when
-        # the block's maxima span at most SCAN_SPAN nats; otherwise as a loop that rescales step by step.
-        valid = ce > NEG_LOG_SCALE / 2
-        ref = torch.where(valid, ce, float("inf")).amin(dim=1)  # (hb,)
-        ref = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
-        span = torch.where(valid, ce, float("-inf")).amax(dim=1) - ref
-        self.cumsum_scan = bool((span <= SCAN_SPAN).all())
-        c_end = ce[:, -1]
-        self.w_in = torch.exp(ce - ref.unsqueeze(-1))  # (hb, nb): chunk j's keys at scale r, <= exp(SCAN_SPAN)
-        self.w_out = torch.exp((ref.unsqueeze(-1) - cp).clamp(max=SCAN_SPAN))  # (hb, nb): scale r -> cp_i
-        self.ref_to_end = torch.exp((ref - c_end).clamp(max=SCAN_SPAN))  # (hb,)
-        self.w_start = torch.exp(self.c_start.unsqueeze(-1) - cp)  # (hb, nb): the block's entering state
-        self.w_end = torch.exp(ce - c_end.unsqueeze(-1))  # (hb, nb): chunk j's keys in the leaving state
-        self.start_to_end = torch.exp(self.c_start - c_end)  # (hb,)
+        self.ve = v_aug * self.e  # (X, C, d+1)
+        if self.fast:
+            self.values = self.ve
+            self.alpha0 = torch.exp(c_start - ce[:, 0])[:, None, None]  # (hb, 1, 1)
+            self.alphas = torch.exp(ce[:, :-1] - ce[:, 1:])[..., None, None]  # (hb, nb-1, 1, 1)
+            return
+        cp = torch.cat([c_start.unsqueeze(-1), ce[:, :-1]], dim=-1)  # (hb, nb)
+        # exp(-inf) and denormals are slow on CPU: clamp the future (u > t) to 0 before exp and mask it after.
+        exponent = (lb.unsqueeze(-2) - cb.unsqueeze(-1)).clamp_(max=0.0)  # (hb, nb, C, C): l_u - c_t
+        self.weights = exponent.exp_().view(x, chunk, chunk).tril_()
+        self.row_scale = torch.exp(cp.unsqueeze(-1) - cb).view(x, chunk, 1)  # (X, C, 1)
+        self.alphas = torch.exp(cp[:, :-1] - cp[:, 1:])[..., None, None]  # (hb, nb-1, 1, 1)
+        self.alpha_end = torch.exp(cp[:, -1] - ce[:, -1])[:, None, None]  # (hb, 1, 1)
 
     def chunk_kv(self) -> Tensor:
         return self.k.transpose(-1, -2) @ self.ve  # (X, m, d+1)
 
-    def scores(self) -> Tensor:
-        """Masked, weighted intra-chunk attention (X, C, C)."""
-        scores = self.q @ self.k.transpose(-1, -2)
-        return scores.masked_fill_(~self.causal, 0.0) if self.row_scale is None else scores.mul_(self.weights)
+    def mask(self, scores: Tensor) -> Tensor:
+        """Causal mask (and weights) of a (X, C, C) product, in place."""
+        return scores.tril_() if self.weights is None else scores.mul_(self.weights)
 
-    def mask_grad(self, d_scores: Tensor) -> Tensor:
-        return d_scores.masked_fill_(~self.causal, 0.0) if self.row_scale is None else d_scores.mul_(self.weights)
+    def scores(self) -> Tensor:
+        return self.mask(self.q @ self.k.transpose(-1, -2))  # (X, C, C)
 
     def scan(self, kv: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """kv (X, m, d+1) per chunk and the block's entering state (hb, m, d+1) -> state entering each chunk
-        (X, m, d+1, at scale cp_i) and the state leaving the block (hb, m, d+1, at the last token's scale)."""
+        """kv (X, m, d+1) per chunk and the block's entering state (hb, m, d+1) -> the state entering each chunk
+        (X, m, d+1) and the state leaving the block (hb, m, d+1, at the last token's scale).
+
+        One fused op per chunk: torch's cumsum over a non-last dimension is ~30x slower on CPU, and a cumsum at one
+        common scale could overflow."""
         hb, nb = self.hb, self.nb
-        kv = kv.view(hb, nb, *kv.shape[1:])
-        if not self.stabilised:
-            inclusive = kv.cumsum(dim=1)
-            return _shift(inclusive, 1).add_(state.unsqueeze(1)).flatten(0, 1), inclusive[:, -1] + state
-        if self.cumsum_scan:
-            inclusive = (kv * self.w_in[..., None, None]).cumsum(dim=1)
-            entering = _shift(inclusive, 1).mul_(self.w_out[..., None, None])
-            entering.add_(self.w_start[..., None, None] * state.unsqueeze(1))
-            leaving = inclusive[:, -1] * self.ref_to_end[:, None, None] + self.start_to_end[:, None, None] * state
-            return entering.flatten(0, 1), leaving
+        kv = kv.view(hb, nb, *kv.shape[1:])  # (hb, nb, m, d+1)
         entering = torch.empty_like(kv)
-        current = state
-        for i in range(nb):
-            if i:  # the state moves from scale cp_{i-1} to cp_i = ce_{i-1}, the last chunk's keys join at 1
-                step = torch.exp(self.cp[:, i - 1] - self.cp[:, i])[:, None, None]
-                current = current * step + kv[:, i - 1]
-            entering[:, i] = current
-        step = torch.exp(self.cp[:, -1] - self.ce[:, -1])[:, None, None]
-        return entering.flatten(0, 1), current * step + kv[:, -1]
+        if self.alpha0 is None:
+            entering[:, 0] = state
+        else:
+            torch.mul(state, self.alpha0, out=entering[:, 0])
+        for i in range(1, nb):
+            if self.alphas is None:
+                torch.add(entering[:, i - 1], kv[:, i - 1], out=entering[:, i])
+            elif self.fast:
+                torch.add(entering[:, i - 1], kv[:, i - 1], out=entering[:, i]).mul_(self.alphas[:, i - 1])
+            else:
+                torch.addcmul(kv[:, i - 1], entering[:, i - 1], self.alphas[:, i - 1], out=entering[:, i])
+        if self.alpha_end is None:
+            leaving = entering[:, -1] + kv[:, -1]
+        else:
+            leaving = torch.addcmul(kv[:, -1], entering[:, -1], self.alpha_end)
+        return entering.flatten(0, 1), leaving
 
     def scan_backward(self, d_entering: Tensor, d_leaving: Tensor) -> tuple[Tensor, Tensor]:
         """Transpose of ``scan``: gradients w.r.t. the per-chunk kv (X, m, d+1) and the entering state (hb, ...)."""
         hb, nb = self.hb, self.nb
-        d_entering = d_entering.view(hb, nb, *d_entering.shape[1:])
-        if not self.stabilised:
-            suffix = d_entering.flip(1).cumsum(dim=1).flip(1)  # sum over i >= j
-            return _shift(suffix, -1).add_(d_leaving.unsqueeze(1)).flatten(0, 1), suffix[:, 0] + d_leaving
-        d_state = (d_entering * self.w_start[..., None, None]).sum(dim=1)
-        d_state.add_(self.start_to_end[:, None, None] * d_leaving)
-        if self.cumsum_scan:
-            suffix = (d_entering * self.w_out[..., None, None]).flip(1).cumsum(dim=1).flip(1)
-            d_kv = _shift(suffix, -1).mul_(self.w_in[..., None, None])
-            d_kv.add_(self.w_end[..., None, None] * d_leaving.unsqueeze(1))
-            return d_kv.flatten(0, 1), d_state
+        d_entering = d_entering.view(hb, nb, *d_entering.shape[1:])  # (hb, nb, m, d+1)
         d_kv = torch.empty_like(d_entering)
-        current = d_leaving
-        for j in reversed(range(nb)):
-            d_kv[:, j] = current
-            if j:
-                step = torch.exp(self.ce[:, j - 1] - self.ce[:, j])[:, None, None]
-                current = d_entering[:, j] + current * step
+        d_kv[:, -1] = d_leaving
+        if self.alpha_end is None:
+            grad = d_entering[:, -1] + d_leaving  # w.r.t. entering_i, from i = nb - 1 down
+        else:
+            grad = torch.addcmul(d_entering[:, -1], d_leaving, self.alpha_end)
+        for i in range(nb - 1, 0, -1):
+            if self.alphas is None:
+                d_kv[:, i - 1] = grad
+                grad = d_entering[:, i - 1] + grad
+            elif self.fast:
+                torch.mul(grad, self.alphas[:, i - 1], out=d_kv[:, i - 1])
+                grad = d_entering[:, i - 1] + d_kv[:, i - 1]
+            else:
+                d_kv[:, i - 1] = grad
+                grad = torch.addcmul(d_entering[:, i - 1], grad, self.alphas[:, i - 1])
+        d_state = grad if self.alpha0 is None else grad * self.alpha0
         return d_kv.flatten(0, 1), d_state
-
-
-def _shift(x: Tensor, steps: int) -> Tensor:
-    """Exclusive from inclusive scans along dim 1 by shifting (subtracting would cancel catastrophically)."""
-    out = torch.zeros_like(x)
-    if steps > 0:
-        out[:, steps:] = x[:, :-steps]
-    else:
-        out[:, :steps] = x[:, -steps:]
-    return out
 
 
 def _running_max(log_scale, c0, ct):
@@ -373,7 +369,7 @@ def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
         out_aug = blk.q @ entering  # (X, C, d+1): what earlier chunks contribute
         if blk.row_scale is not None:
             out_aug.mul_(blk.row_scale)
-        out_aug.baddbmm_(blk.scores(), blk.v)  # plus this chunk's own keys
+        out_aug.baddbmm_(blk.scores(), blk.values)  # plus this chunk's own keys
         z = out_aug[..., -1:]  # (X, C, 1)
         normaliser[heads_, start:end] = z.reshape(blk.hb, -1)
         y = _workspace(out[heads_, start:end].view(-1, chunk, d), ct)
@@ -426,7 +422,7 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
         d_out_scaled = d_out if blk.row_scale is None else d_out * blk.row_scale
 
         entering, _ = blk.scan(blk.chunk_kv(), states[heads_, index])  # (X, m, d+1)
-        d_scores = blk.mask_grad(d_out @ blk.v.transpose(-1, -2))  # (X, C, C): gradient w.r.t. q k^T
+        d_scores = blk.mask(d_out @ blk.values.transpose(-1, -2))  # (X, C, C): gradient w.r.t. q k^T
         d_entering = blk.q.transpose(-1, -2) @ d_out_scaled  # (X, m, d+1)
         d_kv, d_state = blk.scan_backward(d_entering, d_state)  # (X, m, d+1), (hb, m, d+1)
 
@@ -436,10 +432,12 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
         d_k = _workspace(dk[heads_, start:end].view(x, chunk, m), ct)
         torch.bmm(blk.ve, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
         d_v = _workspace(dv[heads_, start:end].view(x, chunk, d), ct)
-        torch.bmm(blk.k, d_kv[..., :d], out=d_v)
-        if blk.e is not None:
+        torch.bmm(blk.k, d_kv[..., :d], out=d_v)  # through the state, which holds e * v
+        if not blk.fast:
             d_v.mul_(blk.e)
-        d_v.baddbmm_(blk.scores().transpose(-1, -2), d_out[..., :d])
+        d_v.baddbmm_(blk.scores().transpose(-1, -2), d_out[..., :d])  # through this chunk's product
+        if blk.fast and blk.e is not None:
+            d_v.mul_(blk.e)  # both paths held e * v
         for full, block in ((dq, d_q), (dk, d_k), (dv, d_v)):
             _write_back(full[heads_, start:end], block)
         if start == 0:
