@@ -45,6 +45,9 @@ PERFORMER_LM_DEFAULTS = dict(
     axial_position_shape=None, auto_check_redraw=True, qkv_bias=False, attn_out_bias=False, shift_tokens=False,
 )
 REQUIRED = ("num_tokens", "max_seq_len", "dim", "depth", "heads")
+# performer-pytorch's rotary models add sin/cos of the position to the token embeddings as well; converting them
+# needs a PerformerConfig flag for that fixed embedding (proposed under this name, not there yet).
+SINUSOID_FIELD = "sinusoidal_position_embedding"
 
 
 def _kernel_fn_name(kernel_fn) -> str:
@@ -92,13 +95,6 @@ def _check_supported(args: dict) -> None:
     ):
         if args[option]:
             unsupported(f"{option}=True", why)
-    if args["rotary_position_emb"]:
-        unsupported(
-            "rotary_position_emb=True",
-            "performer-pytorch's rotary models also add a fixed sinusoidal embedding to the token embeddings, and "
-            "PerformerConfig cannot combine rotary with an absolute table; pass rotary_position_emb=False models "
-            "(absolute or axial positions)",
-        )
     local = args["local_attn_heads"]
     if any(count > 0 for count in (local if isinstance(local, (tuple, list)) else (local,))):
         unsupported(
@@ -124,6 +120,13 @@ def performer_pytorch_config(kwargs: dict, **overrides) -> PerformerConfig:
     """The ``PerformerConfig`` of a ``PerformerLM(**kwargs)``."""
     args = normalise_kwargs(kwargs)
     _check_supported(args)
+    if args["rotary_position_emb"] and SINUSOID_FIELD not in getattr(PerformerConfig, "__dataclass_fields__", {}):
+        raise ValueError(
+            "performer-pytorch option rotary_position_emb=True is not supported by the conversion: its rotary "
+            "models also add a fixed sinusoidal embedding to the token embeddings, and PerformerConfig cannot "
+            "combine rotary with an absolute embedding yet; models built with rotary_position_emb=False (absolute "
+            "or axial positions) convert"
+        )
     options = dict(
         vocab_size=args["num_tokens"],
         hidden_size=args["dim"],
@@ -148,7 +151,9 @@ def performer_pytorch_config(kwargs: dict, **overrides) -> PerformerConfig:
         feature_redraw_interval=args["feature_redraw_interval"] if args["auto_check_redraw"] else 0,
         # performer-pytorch feeds d^-0.25 * q and d^-0.25 * k to the kernel: this model's default scale.
         attention_scale=None,
-        position_embedding_type="absolute",  # axial tables are materialised (see module docstring)
+        # Axial tables are materialised into an absolute one (see the module docstring).
+        position_embedding_type="rotary" if args["rotary_position_emb"] else "absolute",
+        rope_theta=10000.0,
         max_position_embeddings=args["max_seq_len"],
         tie_word_embeddings=bool(args["tie_embed"]),
     )
@@ -159,6 +164,8 @@ def performer_pytorch_config(kwargs: dict, **overrides) -> PerformerConfig:
         options["feature_map"] = "favor+"
     if args["shift_tokens"]:
         options["shift_tokens"] = True
+    if args["rotary_position_emb"]:
+        options[SINUSOID_FIELD] = True
     options.update(overrides)
     return PerformerConfig(**options)
 
@@ -174,6 +181,18 @@ def _find(state_dict: dict, prefix: str, suffix: str) -> torch.Tensor:
     if len(matches) != 1:
         raise KeyError(f"expected one key {prefix}...{suffix} in the performer-pytorch state dict, found {matches}")
     return state_dict[matches[0]]
+
+
+def _half_rotation_order(dim_head: int) -> torch.Tensor:
+    """performer-pytorch rotates adjacent pairs (2i, 2i+1) (GPT-J layout); this model rotates (i, i + d/2) (GPT-NeoX
+    layout), same frequencies and direction. Our dim j holds their dim order[j]: [0, 2, 4, ..., 1, 3, 5, ...]."""
+    return torch.cat([torch.arange(0, dim_head, 2), torch.arange(1, dim_head, 2)])
+
+
+def _permute_heads(tensor: torch.Tensor, order: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder the output features of every head of a (heads * d, ...) weight or (heads * d,) bias."""
+    shape = tensor.shape
+    return tensor.reshape(heads, len(order), *shape[1:])[:, order].reshape(shape)
 
 
 def _axial_table(state_dict: dict, length: int) -> torch.Tensor:
@@ -197,7 +216,10 @@ def convert_state_dict(state_dict: dict, kwargs: dict) -> dict:
     sd = {key: value for key, value in state_dict.items() if not key.startswith("performer.proj_updater.instance.")}
     dim, inner = args["dim"], args["dim"] * args["ff_mult"]
     out = {"model.embed_tokens.weight": sd["token_emb.weight"]}
-    if args["axial_position_emb"]:
+    rotary = args["rotary_position_emb"]
+    if rotary:
+        order = _half_rotation_order(args["dim_head"])
+    elif args["axial_position_emb"]:
         out["model.embed_positions.weight"] = _axial_table(sd, args["max_seq_len"])
     else:
         out["model.embed_positions.weight"] = sd["pos_emb.emb.weight"]
@@ -212,7 +234,17 @@ def convert_state_dict(state_dict: dict, kwargs: dict) -> dict:
                 has_bias = args["attn_out_bias"] if theirs == "to_out" else args["qkv_bias"]
                 # One attention_bias flag here: a bias performer-pytorch does not have becomes a zero bias.
                 out[f"{ours}self_attn.{name}.bias"] = _find(sd, attn, f"{theirs}.bias") if has_bias else zeros
-        out[f"{ours}self_attn.feature_map.projection"] = _find(sd, attn, "fast_attention.projection_matrix")
+        projection = _find(sd, attn, "fast_attention.projection_matrix")  # (m, d)
+        if rotary:
+            # q and k of every head are permuted the same way, so q.k is unchanged; the projection sees the
+            # permuted vectors, so its columns move with them.
+            for name in ("q_proj", "k_proj"):
+                for kind in ("weight", "bias"):
+                    key = f"{ours}self_attn.{name}.{kind}"
+                    if key in out:
+                        out[key] = _permute_heads(out[key], order, args["heads"])
+            projection = projection[:, order]
+        out[f"{ours}self_attn.feature_map.projection"] = projection
 
         w1, b1 = _find(sd, ff, "w1.weight"), _find(sd, ff, "w1.bias")
         if args["ff_glu"]:
@@ -269,7 +301,12 @@ def convert_performer_pytorch(checkpoint, kwargs: dict, *, dtype: torch.dtype | 
     ``config_overrides`` go to ``PerformerConfig`` (e.g. ``attention_chunk_size``).
     """
     config = performer_pytorch_config(kwargs, **config_overrides)
-    weights = convert_state_dict(_load_checkpoint(checkpoint), kwargs)
+    model = build_model(config, convert_state_dict(_load_checkpoint(checkpoint), kwargs))
+    return model.to(dtype) if dtype is not None else model
+
+
+def build_model(config: PerformerConfig, weights: dict) -> PerformerForCausalLM:
+    """``PerformerForCausalLM(config)`` holding exactly ``weights`` (every parameter and buffer accounted for)."""
     model = PerformerForCausalLM(config)
     weights = {key: value.to(torch.float32) for key, value in weights.items()}
     weights["model.feature_redraws"] = model.model.feature_redraws
@@ -277,8 +314,7 @@ def convert_performer_pytorch(checkpoint, kwargs: dict, *, dtype: torch.dtype | 
     missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"conversion produced a mismatched state dict: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    return model.to(dtype) if dtype is not None else model
+    return model.eval()
 
 
 def main(argv=None) -> None:
@@ -300,7 +336,7 @@ def main(argv=None) -> None:
           f"to {args.output}")
 
 
-__all__ = ["convert_performer_pytorch", "convert_state_dict", "performer_pytorch_config", "main"]
+__all__ = ["build_model", "convert_performer_pytorch", "convert_state_dict", "performer_pytorch_config", "main"]
 
 if __name__ == "__main__":
     main()
