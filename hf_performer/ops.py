@@ -274,45 +274,51 @@ class _Block:
         common scale could overflow."""
         hb, nb = self.hb, self.nb
         kv = kv.view(hb, nb, *kv.shape[1:])  # (hb, nb, m, d+1)
+        if self.fast and self.alphas is not None:
+            kv = kv.clone()
+            kv[:, :-1] *= self.alphas  # entering_i = alpha_i (entering_{i-1} + U_{i-1}): pre-scale U_{i-1}
         entering = torch.empty_like(kv)
+        rows, kvs = entering.unbind(1), kv.unbind(1)
         if self.alpha0 is None:
-            entering[:, 0] = state
+            rows[0].copy_(state)
         else:
-            torch.mul(state, self.alpha0, out=entering[:, 0])
+            torch.mul(state, self.alpha0, out=rows[0])
+        alphas = [None] * nb if self.alphas is None else self.alphas.unbind(1)
         for i in range(1, nb):
-            if self.alphas is None:
-                torch.add(entering[:, i - 1], kv[:, i - 1], out=entering[:, i])
-            elif self.fast:
-                torch.add(entering[:, i - 1], kv[:, i - 1], out=entering[:, i]).mul_(self.alphas[:, i - 1])
+            if alphas[i - 1] is None:
+                torch.add(rows[i - 1], kvs[i - 1], out=rows[i])
             else:
-                torch.addcmul(kv[:, i - 1], entering[:, i - 1], self.alphas[:, i - 1], out=entering[:, i])
+                torch.addcmul(kvs[i - 1], rows[i - 1], alphas[i - 1], out=rows[i])
         if self.alpha_end is None:
-            leaving = entering[:, -1] + kv[:, -1]
+            leaving = rows[-1] + kvs[-1]
         else:
-            leaving = torch.addcmul(kv[:, -1], entering[:, -1], self.alpha_end)
+            leaving = torch.addcmul(kvs[-1], rows[-1], self.alpha_end)
         return entering.flatten(0, 1), leaving
 
     def scan_backward(self, d_entering: Tensor, d_leaving: Tensor) -> tuple[Tensor, Tensor]:
         """Transpose of ``scan``: gradients w.r.t. the per-chunk kv (X, m, d+1) and the entering state (hb, ...)."""
         hb, nb = self.hb, self.nb
         d_entering = d_entering.view(hb, nb, *d_entering.shape[1:])  # (hb, nb, m, d+1)
-        d_kv = torch.empty_like(d_entering)
-        d_kv[:, -1] = d_leaving
+        grad = torch.empty_like(d_entering)  # w.r.t. entering_i, all paths
+        rows, d_rows = grad.unbind(1), d_entering.unbind(1)
         if self.alpha_end is None:
-            grad = d_entering[:, -1] + d_leaving  # w.r.t. entering_i, from i = nb - 1 down
+            torch.add(d_rows[-1], d_leaving, out=rows[-1])
         else:
-            grad = torch.addcmul(d_entering[:, -1], d_leaving, self.alpha_end)
+            torch.addcmul(d_rows[-1], d_leaving, self.alpha_end, out=rows[-1])
+        alphas = [None] * nb if self.alphas is None else self.alphas.unbind(1)
         for i in range(nb - 1, 0, -1):
-            if self.alphas is None:
-                d_kv[:, i - 1] = grad
-                grad = d_entering[:, i - 1] + grad
-            elif self.fast:
-                torch.mul(grad, self.alphas[:, i - 1], out=d_kv[:, i - 1])
-                grad = d_entering[:, i - 1] + d_kv[:, i - 1]
+            if alphas[i - 1] is None:
+                torch.add(d_rows[i - 1], rows[i], out=rows[i - 1])
             else:
-                d_kv[:, i - 1] = grad
-                grad = torch.addcmul(d_entering[:, i - 1], grad, self.alphas[:, i - 1])
-        d_state = grad if self.alpha0 is None else grad * self.alpha0
+                torch.addcmul(d_rows[i - 1], rows[i], alphas[i - 1], out=rows[i - 1])
+        # U_{i-1} enters entering_i with factor beta_i (alpha_i in fast mode, else 1); U_last the leaving state.
+        d_kv = torch.empty_like(grad)
+        if self.fast and self.alphas is not None:
+            torch.mul(grad[:, 1:], self.alphas, out=d_kv[:, :-1])
+        else:
+            d_kv[:, :-1] = grad[:, 1:]
+        d_kv[:, -1] = d_leaving
+        d_state = rows[0] if self.alpha0 is None else rows[0] * self.alpha0
         return d_kv.flatten(0, 1), d_state
 
 
