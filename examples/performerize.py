@@ -1,6 +1,6 @@
 """Performerize a pretrained softmax model: switch it to kernel attention and recover its quality.
 
-    python examples/performerize.py                                  # under 2 minutes on one CPU core
+    python examples/performerize.py                                  # ~3 minutes on one CPU core
     python examples/performerize.py --teacher path/to/local/model --output runs/performerized
 
 1. The softmax model ("teacher") is loaded from a local path. With no ``--teacher`` (or an empty directory) a tiny
@@ -283,9 +283,9 @@ def parse_args(argv=None):
     parser.add_argument("--feature-map", default="favor+")
     parser.add_argument("--nb-features", type=int, default=64)
     parser.add_argument("--teacher-steps", type=int, default=400)
-    parser.add_argument("--distill-steps", type=int, default=150)
+    parser.add_argument("--distill-steps", type=int, default=200)
     parser.add_argument("--distill-lr", type=float, default=2e-3)
-    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
