@@ -232,6 +232,9 @@ def prepare_model_for_performer_attention(
             if value is not None:
                 setattr(config, key, value)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(f"{type(model).__name__} does not let its attention implementation be set (it does not "
+                         "dispatch through transformers' AttentionInterface)")
     device = next((p.device for p in model.parameters()), None)
     attached = 0
     for module in list(model.modules()):
