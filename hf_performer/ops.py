@@ -28,7 +28,7 @@ All accumulate in float32 (float64 for float64 inputs) whatever the input dtype.
 
 from __future__ import annotations
 
-import math
+import re
 from typing import Optional
 
 import torch
@@ -468,7 +468,11 @@ def _write_back(dst: Tensor, block: Tensor) -> None:
         dst.copy_(block.view(dst.shape))
 
 
-@torch.library.custom_op("hf_performer::chunked_causal_forward", mutates_args=())
+# One op namespace per copy of this module: a checkpoint's remote-code copy can be imported next to the package.
+_NAMESPACE = re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunked_causal_forward", mutates_args=())
 def _chunked_forward(
     q: Tensor,
     k: Tensor,
@@ -498,7 +502,7 @@ def _(q, k, v, log_scale, kv0, c0, chunk_size):
     )
 
 
-@torch.library.custom_op("hf_performer::chunked_causal_backward", mutates_args=())
+@torch.library.custom_op(f"{_NAMESPACE}::chunked_causal_backward", mutates_args=())
 def _chunked_backward(
     grad_out: Tensor,
     grad_kv: Tensor,
@@ -542,9 +546,7 @@ def _backward(ctx, grad_out, grad_normaliser, grad_kv, grad_c, grad_states):
     return dq, dk, dv, None, dkv0.to(ctx.kv0_dtype), None, None
 
 
-torch.library.register_autograd(
-    "hf_performer::chunked_causal_forward", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd(_chunked_forward, _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,307 @@
+"""The attention ops against the naive O(N^2) masked computation in float64: values, gradients, states, dtypes,
+memory structure and torch.compile. Small sizes: the whole file runs in well under a minute on two cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_performer import ops
+from hf_performer.ops import causal_linear_attention, linear_attention, naive_kernel_attention
+
+
+def features(batch=2, heads=2, length=37, m=6, d=5, *, stabilised=True, spread=2.0, dtype=torch.float64, seed=0):
+    """Positive features as the maps hand them over: keys divided by exp(log_scale), log scales detached."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(batch, heads, length, m, generator=g, dtype=dtype) + 0.05
+    k = torch.rand(batch, heads, length, m, generator=g, dtype=dtype) + 0.05
+    v = torch.randn(batch, heads, length, d, generator=g, dtype=dtype)
+    log_scale = torch.randn(batch, heads, length, generator=g, dtype=dtype) * spread if stabilised else None
+    return q, k, v, log_scale
+
+
+def key_mask(batch, length, seed=0):
+    """Random holes, and a left-padded row whose first chunks see no key at all."""
+    mask = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) > 0.3
+    mask[-1, : length // 3] = False
+    return mask
+
+
+def grads(fn, tensors, weight):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    return out, torch.autograd.grad((out * weight).sum(), tensors)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Several blocks per sequence, so the state crosses block boundaries in both passes."""
+    monkeypatch.setattr(ops, "BLOCK_TOKENS", 16)
+
+
+# -- values and gradients ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "quadratic"])
+@pytest.mark.parametrize("stabilised", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_causal_matches_naive(small_blocks, implementation, stabilised, masked, chunk_size):
+    q, k, v, log_scale = features(stabilised=stabilised)  # length 37: a ragged last chunk
+    mask = key_mask(2, 37) if masked else None
+    weight = torch.randn(2, 2, 37, 5, dtype=torch.float64)
+    ref, ref_grads = grads(
+        lambda q, k, v: naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale, key_mask=mask),
+        (q, k, v), weight,
+    )
+    out, out_grads = grads(
+        lambda q, k, v: causal_linear_attention(
+            q, k, v, k_log_scale=log_scale, key_mask=mask, chunk_size=chunk_size, implementation=implementation
+        )[0],
+        (q, k, v), weight,
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "quadratic"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_bidirectional_matches_naive(implementation, masked):
+    q, k, v, log_scale = features(length=23)
+    mask = key_mask(2, 23) if masked else None
+    weight = torch.randn(2, 2, 23, 5, dtype=torch.float64)
+    ref, ref_grads = grads(
+        lambda q, k, v: naive_kernel_attention(q, k, v, causal=False, k_log_scale=log_scale, key_mask=mask),
+        (q, k, v), weight,
+    )
+    out, out_grads = grads(
+        lambda q, k, v: linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, implementation=implementation),
+        (q, k, v), weight,
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_exact_scale_mode_for_wild_log_scales(small_blocks, monkeypatch):
+    """Running maxima that jump by far more than FAST_SPAN inside a chunk take the exact path, and still match;
+    forcing the exact path everywhere gives the same numbers as the fast one."""
+    q, k, v, log_scale = features(length=40, spread=1.0)
+    wild = log_scale.clone()
+    wild[..., 5] += 60.0
+    wild[..., 21] += 120.0
+    for scales in (log_scale, wild):
+        ref = naive_kernel_attention(q, k, v, causal=True, k_log_scale=scales)
+        out = causal_linear_attention(q, k, v, k_log_scale=scales, chunk_size=8, implementation="chunked")[0]
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    fast = causal_linear_attention(q, k, v, k_log_scale=log_scale, chunk_size=8, implementation="chunked")[0]
+    monkeypatch.setattr(ops, "FAST_SPAN", -1.0)
+    exact = causal_linear_attention(q, k, v, k_log_scale=log_scale, chunk_size=8, implementation="chunked")[0]
+    torch.testing.assert_close(fast, exact, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("stabilised", [True, False])
+def test_gradcheck_chunked_with_state(monkeypatch, stabilised):
+    """float64 gradcheck through outputs and the returned state, w.r.t. q, k, v and the initial state
+    (11 tokens: chunks of 3, two blocks, a ragged last chunk)."""
+    monkeypatch.setattr(ops, "BLOCK_TOKENS", 6)
+    q, k, v, log_scale = features(batch=1, heads=1, length=11, m=3, d=2, stabilised=stabilised)
+    kv0 = torch.rand(1, 1, 3, 3, dtype=torch.float64)
+    c0 = torch.randn(1, 1, dtype=torch.float64) if stabilised else None
+
+    def fn(q, k, v, kv0):
+        out, (kv, _) = causal_linear_attention(
+            q, k, v, k_log_scale=log_scale, initial_state=(kv0, c0), chunk_size=3, implementation="chunked"
+        )
+        return out, kv
+
+    inputs = [t.requires_grad_() for t in (q, k, v, kv0)]
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradcheck_quadratic_and_linear(causal):
+    q, k, v, log_scale = features(batch=1, heads=1, length=9, m=3, d=2)
+    mask = torch.tensor([[False, True, True, False, True, True, True, True, True]])
+    if causal:
+        fn = lambda q, k, v: causal_linear_attention(  # noqa: E731
+            q, k, v, k_log_scale=log_scale, key_mask=mask, implementation="quadratic")[0]
+        inputs = (q, k, v)
+    else:
+        fn = lambda q, k, v, impl: linear_attention(  # noqa: E731
+            q, k, v, k_log_scale=log_scale, key_mask=mask, implementation=impl)
+        assert torch.autograd.gradcheck(lambda *t: fn(*t, "quadratic"), [t.clone().requires_grad_() for t in (q, k, v)])
+        inputs = (q, k, v)
+        fn = lambda q, k, v, _fn=fn: _fn(q, k, v, "chunked")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in inputs])
+
+
+def test_fp32_accuracy_against_float64():
+    """Max relative error (normwise, per output row scale) below 1e-5 in fp32 on a longer sequence."""
+    q, k, v, log_scale = features(batch=1, heads=2, length=1500, m=32, d=16, seed=3)
+    ref = naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale)
+    out = causal_linear_attention(q.float(), k.float(), v.float(), k_log_scale=log_scale.float())[0]
+    assert out.dtype == torch.float32
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+# -- chunking, states and decoding -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stabilised", [True, False])
+def test_chunk_size_invariance(small_blocks, stabilised):
+    q, k, v, log_scale = features(length=45, stabilised=stabilised)
+    mask = key_mask(2, 45)
+    runs = [
+        causal_linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, chunk_size=c, implementation="chunked")
+        for c in (1, 3, 8, 64)
+    ]
+    for out, (kv, log_end) in runs[1:]:
+        torch.testing.assert_close(out, runs[0][0], rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(kv * _scale(log_end), runs[0][1][0] * _scale(runs[0][1][1]), rtol=1e-11, atol=1e-13)
+
+
+def _scale(log_scale):
+    return 1.0 if log_scale is None else torch.exp(log_scale)[..., None, None]
+
+
+@pytest.mark.parametrize("stabilised", [True, False])
+def test_decoding_token_by_token_matches_one_pass(stabilised):
+    """Chunked prefill, then pieces of 1, 5 and 1 tokens from the state: same outputs and final state as one pass."""
+    q, k, v, log_scale = features(length=40, stabilised=stabilised, spread=3.0)
+    mask = key_mask(2, 40)
+    full, (kv_full, c_full) = causal_linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, chunk_size=8)
+    state, pieces, start = None, [], 0
+    for end in (29, 30, 35, 36, 37, 38, 39, 40):
+        part = slice(start, end)
+        out, state = causal_linear_attention(
+            q[:, :, part], k[:, :, part], v[:, :, part], k_log_scale=None if log_scale is None else log_scale[..., part],
+            key_mask=mask[:, part], initial_state=state, chunk_size=8,
+        )
+        pieces.append(out)
+        start = end
+    torch.testing.assert_close(torch.cat(pieces, dim=2), full, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state[0], kv_full, rtol=1e-10, atol=1e-12)
+    if stabilised:
+        torch.testing.assert_close(state[1], c_full)
+
+
+def test_quadratic_and_chunked_states_agree():
+    q, k, v, log_scale = features(length=20)
+    kv0, c0 = torch.rand(2, 2, 6, 6, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    a = causal_linear_attention(q, k, v, k_log_scale=log_scale, initial_state=(kv0, c0), implementation="chunked")
+    b = causal_linear_attention(q, k, v, k_log_scale=log_scale, initial_state=(kv0, c0), implementation="quadratic")
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1][0], b[1][0])
+    torch.testing.assert_close(a[1][1], b[1][1])
+
+
+def test_auto_picks_the_cheaper_path():
+    assert ops.choose_implementation(1, 1, 128, 64, causal=True) == "quadratic"  # decoding one token
+    assert ops.choose_implementation(64, 64, 128, 64, causal=True) == "quadratic"
+    assert ops.choose_implementation(4096, 4096, 128, 64, causal=True) == "chunked"
+    assert ops.choose_implementation(4096, 4096, 128, 64, causal=False) == "chunked"
+    assert ops.choose_implementation(16, 16, 128, 64, causal=False) == "quadratic"
+    with pytest.raises(ValueError, match="implementation"):
+        causal_linear_attention(*features()[:3], implementation="fast")
+
+
+def test_query_without_any_key_outputs_zero_with_finite_gradients(small_blocks):
+    q, k, v, log_scale = features(length=30)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, :20] = False  # the first 20 queries of row 1 see nothing
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = causal_linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, chunk_size=4)[0]
+    assert torch.all(out[1, :, :20] == 0)
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.all(k.grad[1, :, :20] == 0)
+
+
+# -- dtypes ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    """4096 tokens in bf16/fp16: sums of that length lose ~2 digits when accumulated in the input dtype. The output
+    must match the float64 computation on the same rounded inputs to the output dtype's own rounding."""
+    q, k, v, log_scale = features(batch=1, heads=2, length=4096, m=16, d=8, dtype=torch.float32, seed=5)
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, (kv, _) = causal_linear_attention(q, k, v, k_log_scale=log_scale)
+    assert out.dtype == dtype and kv.dtype == torch.float32
+    ref = naive_kernel_attention(q.detach(), k.detach(), v.detach(), causal=True, k_log_scale=log_scale)
+    eps = torch.finfo(dtype).eps
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() / ref.abs().clamp_min(0.05)).max() < 4 * eps
+    out.float().sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# -- memory ----------------------------------------------------------------------------------------------------
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_of_size_n_m_d_is_ever_built():
+    """Forward and backward kernels, op by op: nothing bigger than N max(m, C) per head (features, chunk scores),
+    while an (N, m, d) tensor would be 8x bigger; autograd keeps only inputs, output and small extras."""
+    batch, heads, length, m, d = 1, 2, 2048, 32, 16
+    q, k, v, log_scale = features(batch, heads, length, m, d, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kv0, c0 = ops.empty_state(batch, heads, m, d, True, "cpu")
+    with LargestTensor() as probe:
+        saved = ops._chunked_forward_impl(q.detach(), k.detach(), v.detach(), log_scale, kv0, c0, 64)
+        ops._chunked_backward_impl(
+            torch.ones_like(v), torch.zeros_like(kv0), q.detach(), k.detach(), v.detach(), log_scale, c0,
+            saved[0], saved[1], saved[4], 64,
+        )
+    assert probe.largest <= batch * heads * length * max(m, 64) <= batch * heads * length * m * d / 8
+
+    extra = []
+
+    def pack(t):
+        if not any(t.data_ptr() == x.data_ptr() for x in (q, k, v)):
+            extra.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="chunked")
+    inputs = sum(t.numel() for t in (q, k, v, log_scale))
+    assert sum(extra) <= out.numel() + inputs // 2  # out, normaliser, a few block states
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------------
+
+
+def test_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break; the chunk loop is inside an opaque custom op, so nothing unrolls."""
+    torch._dynamo.reset()
+    q, k, v, log_scale = features(batch=1, heads=2, length=70, m=8, d=4, dtype=torch.float32)
+
+    def both(q, k, v):
+        causal, (kv, c) = causal_linear_attention(q, k, v, k_log_scale=log_scale)
+        bidirectional = linear_attention(q, k, v, k_log_scale=log_scale)
+        return causal.sum() + bidirectional.sum() + kv.sum()
+
+    compiled = torch.compile(both, backend="aot_eager", fullgraph=True)
+    eager_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    compiled_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    both(*eager_in).backward()
+    compiled(*compiled_in).backward()
+    for a, b in zip(eager_in, compiled_in):
+        torch.testing.assert_close(a.grad, b.grad)
