@@ -305,3 +305,25 @@ def test_compiles_without_graph_breaks():
     compiled(*compiled_in).backward()
     for a, b in zip(eager_in, compiled_in):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_tiny_model_compiles_in_one_graph(make_config):
+    """A whole causal Performer (forward, loss, backward) compiles with fullgraph=True and matches eager."""
+    from hf_performer import PerformerForCausalLM
+
+    torch._dynamo.reset()
+    model = PerformerForCausalLM(make_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def loss(ids):
+        return model(ids, labels=ids, use_cache=False).loss
+
+    compiled_loss = torch.compile(loss, backend="aot_eager", fullgraph=True)(ids)
+    compiled_loss.backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    eager_loss = loss(ids)
+    eager_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(compiled_grads, [p.grad for p in model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(got, want)
