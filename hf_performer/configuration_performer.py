@@ -47,7 +47,10 @@ class PerformerConfig(PreTrainedConfig):
     Local heads and TF KernelAttention options:
         local_attn_heads: exact softmax heads over a sliding window (an int, or one per layer); they are the last
             heads of each layer, the rest are kernel heads. local_window_size: the window in tokens (causal: the
-            token and the window - 1 before it; bidirectional: |i - j| < window).
+            token and the window - 1 before it; bidirectional: |i - j| < window). local_window_type='blocked'
+            uses the local-attention package's windows instead (the token's block of ``local_window_size`` tokens
+            and the previous block; bidirectional: also the next). local_rotary: rotary positions on the local
+            heads even when ``position_embedding_type`` is not rotary (performer-pytorch's local heads do this).
         shift_tokens: token shift before attention and feed-forward (performer-pytorch ``shift_tokens``).
         begin_kernel: the first n positions use exact softmax attention (TF ``begin_kernel``).
         scale_by_length: multiply the softmax temperature by log(n) / log(512), n the number of real tokens
@@ -60,7 +63,10 @@ class PerformerConfig(PreTrainedConfig):
     Positions:
         position_embedding_type: ``rotary`` (default, as the Performer reference), ``absolute`` (learned),
             ``axial`` (Reformer's factorised embedding, ``axial_pos_shape`` with product ``max_position_embeddings``
-            and ``axial_pos_embds_dim`` summing to ``hidden_size``) or ``none``.
+            and ``axial_pos_embds_dim`` summing to ``hidden_size``) or ``none``. sinusoidal_position_embedding adds
+            a fixed [sin | cos] table to the token embeddings on top of that (performer-pytorch's rotary models).
+
+    Head: lm_head_bias gives the untied output layer a bias (performer-pytorch's ``to_out``).
     """
 
     model_type = "performer"
@@ -98,6 +104,8 @@ class PerformerConfig(PreTrainedConfig):
 
     local_attn_heads: int | list[int] = 0
     local_window_size: int = 256
+    local_window_type: str = "sliding"
+    local_rotary: bool = False
     shift_tokens: bool = False
     begin_kernel: int = 0
     scale_by_length: bool = False
@@ -108,6 +116,7 @@ class PerformerConfig(PreTrainedConfig):
     causal_padding: str | None = None
 
     position_embedding_type: str = "rotary"
+    sinusoidal_position_embedding: bool = False
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
     axial_pos_shape: list[int] | tuple[int, ...] | None = None
@@ -118,6 +127,7 @@ class PerformerConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     tie_word_embeddings: bool = True
+    lm_head_bias: bool = False
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -220,6 +230,9 @@ class PerformerConfig(PreTrainedConfig):
         if self.causal_window_decay is not None and not 0.0 < self.causal_window_decay <= 1.0:
             raise ValueError(f"causal_window_decay must be in (0, 1] or None, got {self.causal_window_decay!r}")
         _allowed("causal_padding", self.causal_padding, (None, "left", "right"))
+        _allowed("local_window_type", self.local_window_type, ("sliding", "blocked"))
+        if (self.local_rotary or self.sinusoidal_position_embedding) and self.head_dim % 2:
+            raise ValueError(f"local_rotary / sinusoidal_position_embedding need an even head dim, got {self.head_dim}")
         if self.use_causal_windowed:
             if not self.causal:
                 raise ValueError("use_causal_windowed needs causal=True")

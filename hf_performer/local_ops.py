@@ -52,6 +52,11 @@ def _gather_side(q_positions, k_positions, key_mask, block, start, size, count):
     return q_pos, k_pos.transpose(-1, -2), valid.transpose(-1, -2) > 0.5
 
 
+def window_reach(window: int, blocked: bool) -> int:
+    """How many tokens back (or ahead) a query may look: what a decoding cache must keep."""
+    return 2 * window - 1 if blocked else window - 1
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,10 +68,14 @@ def sliding_window_attention(
     k_positions: torch.Tensor,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    blocked: bool = False,
 ) -> torch.Tensor:
     """Exact softmax attention restricted to a window of ``window`` tokens.
 
     Causal: query at position p sees keys at positions p - window + 1 ... p. Bidirectional: |p - p_k| < window.
+    ``blocked=True`` follows the local-attention package instead: positions are cut into blocks of ``window``, a
+    query sees its own block and the previous one (causal: only keys at or before it; bidirectional: also the next
+    block), i.e. between window and 2 * window - 1 keys.
     q (B, H, N, d); k, v (B, H, S, d) with S >= N (a cached prefix first); positions (B, N) and (B, S);
     key_mask (B, S) bool. A query that sees no key outputs 0.
     """
@@ -75,14 +84,19 @@ def sliding_window_attention(
     scale = dim**-0.5 if scale is None else scale
     if key_mask is None:
         key_mask = torch.ones(batch, keys, dtype=torch.bool, device=q.device)
-    back, forward = window - 1, (0 if causal else window - 1)
+    reach = window_reach(window, blocked)
+    back, forward = reach, (0 if causal else reach)
     start, size, count = _window_layout(length, keys, window, back, forward)
     qb = _blocks(q, window, count)  # (B, H, n, w, d)
     kw = gather_windows(k, start, window, size, count)  # (B, H, n, W, d)
     vw = gather_windows(v, start, window, size, count)  # (B, H, n, W, d)
     q_pos, k_pos, valid = _gather_side(q_positions, k_positions, key_mask, window, start, size, count)
     distance = q_pos - k_pos  # (B, 1, n, w, W)
-    allowed = valid & (distance.abs() < window)
+    if blocked:
+        gap = torch.div(q_pos, window, rounding_mode="floor") - torch.div(k_pos, window, rounding_mode="floor")
+        allowed = valid & ((gap == 0) | (gap == 1) | ((gap == -1) & (not causal)))
+    else:
+        allowed = valid & (distance.abs() < window)
     if causal:
         allowed = allowed & (distance >= 0)
     scores = (qb @ kw.transpose(-1, -2)).float() * scale  # (B, H, n, w, W)

@@ -25,7 +25,7 @@ from transformers.utils import can_return_tuple, logging
 from .cache_performer import PerformerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import EXACT, FeatureMap, RandomProjectionFeatureMap, get_feature_map_class
-from .local_ops import sliding_window_attention, windowed_kernel_attention
+from .local_ops import sliding_window_attention, window_reach, windowed_kernel_attention
 from .ops import causal_linear_attention, linear_attention
 
 logger = logging.get_logger(__name__)
@@ -96,12 +96,22 @@ class PerformerRotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin()
 
 
+def sinusoidal_table(position_ids: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Fixed [sin | cos] position table (Vaswani et al. 2017, half-split layout): (B, N) -> (B, N, dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim))
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # (B, N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_head: int = 0) -> torch.Tensor:
+    """Rotate heads ``first_head:`` of x (B, H, N, d); earlier heads pass through unchanged."""
+    if first_head:
+        return torch.cat([x[:, :first_head], apply_rotary(x[:, first_head:], cos, sin)], dim=1)
     return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
 
 
@@ -183,8 +193,9 @@ class PerformerAttention(nn.Module):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
         if position_embeddings is not None:
-            cos, sin = position_embeddings
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            # rotary on every head with rotary positions; with local_rotary only on the local heads
+            first = 0 if self.config.position_embedding_type == "rotary" else self.num_global_heads
+            q, k = apply_rotary(q, *position_embeddings, first), apply_rotary(k, *position_embeddings, first)
         if position_ids is None:
             position_ids = torch.arange(length, device=q.device).expand(batch, length)
         if key_mask is None:
@@ -198,10 +209,13 @@ class PerformerAttention(nn.Module):
             else:
                 outputs.append(self._kernel_attention(q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, cache))
         if self.num_local_heads > 0:
+            blocked = self.config.local_window_type == "blocked"
             outputs.append(self._windowed(
-                "local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, cache, self.window,
+                "local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, cache,
+                window_reach(self.window, blocked),
                 lambda q_, k_, v_, qp, kp, km: sliding_window_attention(
-                    q_, k_, v_, window=self.window, causal=self.causal, q_positions=qp, k_positions=kp, key_mask=km
+                    q_, k_, v_, window=self.window, causal=self.causal, q_positions=qp, k_positions=kp, key_mask=km,
+                    blocked=blocked,
                 ),
             ))
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
@@ -209,18 +223,17 @@ class PerformerAttention(nn.Module):
         return self.o_proj(self.dropout(out))
 
     @staticmethod
-    def _windowed(name, q, k, v, key_mask, position_ids, cache, window, attend):
-        """Run banded attention over [cached last (window - 1) tokens | new tokens], then keep the new tail.
+    def _windowed(name, q, k, v, key_mask, position_ids, cache, keep, attend):
+        """Run banded attention over [cached last ``keep`` tokens | new tokens], then keep the new tail.
 
         ``q``, ``k``, ``v`` are (B, h, N, *); the cache holds the same tensors for the previous tokens, so memory
-        stays at ``window`` tokens per layer whatever the context length."""
+        stays at ``keep`` tokens per layer whatever the context length."""
         keys = {"k": k, "v": v, "pos": position_ids, "mask": key_mask}
         if cache is not None:
             for key, new in keys.items():
                 old = cache.get(f"{name}.{key}")
                 if old is not None:
                     keys[key] = torch.cat([old, new], dim=2 if new.dim() == 4 else 1)
-            keep = window - 1
             for key, full in keys.items():
                 dim = 2 if full.dim() == 4 else 1
                 total = full.shape[dim]
@@ -283,7 +296,8 @@ class PerformerAttention(nn.Module):
 
         # keys and their log scale travel together through the cache window
         keys = torch.cat([k_features, log_scale.unsqueeze(-1)], dim=-1)
-        return self._windowed("windowed", q_features, keys, v, key_mask, position_ids, cache, window_tokens, attend)
+        return self._windowed("windowed", q_features, keys, v, key_mask, position_ids, cache, window_tokens - 1,
+                              attend)
 
     def _begin_with_softmax(self, q, k, v, kernel_out, key_mask, position_ids, cache):
         """TF KernelAttention's ``begin_kernel``: the first n positions use exact softmax attention."""
@@ -292,7 +306,7 @@ class PerformerAttention(nn.Module):
         if self.causal:
             # Causal queries at positions < n see only keys at positions < n: a window of n tokens is exact.
             exact = self._windowed(
-                "begin", q, k, v, key_mask, position_ids, cache, n,
+                "begin", q, k, v, key_mask, position_ids, cache, n - 1,
                 lambda q_, k_, v_, qp, kp, km: sliding_window_attention(
                     q_, k_, v_, window=n, causal=True, q_positions=qp, k_positions=kp, key_mask=km,
                     scale=self.head_dim**-0.5,
@@ -416,17 +430,21 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         cache = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
-        x = hidden_states if self.shift_attn is None else self.shift_attn(hidden_states, key_mask, cache)
+        x = self.attn_norm(hidden_states)
+        if self.shift_attn is not None:  # norm, then shift, as performer-pytorch
+            x = self.shift_attn(x, key_mask, cache)
         attn = self.self_attn(
-            self.attn_norm(x),
+            x,
             key_mask=key_mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
             past_key_values=past_key_values,
         )
         hidden_states = hidden_states + self.dropout(attn * self.rezero_attn if self.rezero else attn)
-        x = hidden_states if self.shift_mlp is None else self.shift_mlp(hidden_states, key_mask, cache)
-        ff = self.mlp(self.mlp_norm(x))
+        x = self.mlp_norm(hidden_states)
+        if self.shift_mlp is not None:
+            x = self.shift_mlp(x, key_mask, cache)
+        ff = self.mlp(x)
         return hidden_states + self.dropout(ff * self.rezero_mlp if self.rezero else ff)
 
 
@@ -523,7 +541,8 @@ class PerformerModel(PerformerPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_dropout = nn.Dropout(config.embedding_dropout)
-        self.rotary_emb = PerformerRotaryEmbedding(config) if config.position_embedding_type == "rotary" else None
+        needs_rotary = config.position_embedding_type == "rotary" or (config.local_rotary and config.local_attn_heads)
+        self.rotary_emb = PerformerRotaryEmbedding(config) if needs_rotary else None
         self.embed_positions = None
         if config.position_embedding_type == "absolute":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -532,8 +551,10 @@ class PerformerModel(PerformerPreTrainedModel):
         self.layers = nn.ModuleList(
             [PerformerDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_type == "rezero" \
-            else build_norm(config)
+        # final norm: LayerNorm after layernorm / scalenorm / rezero blocks (as performer-pytorch), RMSNorm after rmsnorm
+        self.norm = build_norm(config) if config.norm_type == "rmsnorm" else nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_eps
+        )
         self.register_buffer("feature_redraws", torch.zeros((), dtype=torch.long), persistent=True)
         self.gradient_checkpointing = False
         self.post_init()
@@ -638,6 +659,8 @@ class PerformerModel(PerformerPreTrainedModel):
                     "max_position_embeddings (or position_embedding_type='rotary', which has no limit)"
                 )
             hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
+        if self.config.sinusoidal_position_embedding:
+            hidden_states = hidden_states + sinusoidal_table(position_ids, self.config.hidden_size).to(hidden_states.dtype)
         hidden_states = self.embed_dropout(hidden_states)
         rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
 
@@ -675,7 +698,7 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
             raise ValueError("PerformerForCausalLM needs causal=True in its config")
         self.model = PerformerModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
     def get_input_embeddings(self):

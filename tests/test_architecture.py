@@ -199,6 +199,9 @@ OPTIONS = {
     "token shift": dict(shift_tokens=True),
     "begin_kernel": dict(begin_kernel=6),
     "all local": dict(local_attn_heads=4, local_window_size=3),
+    "blocked local + local rotary": dict(local_attn_heads=2, local_window_size=3, local_window_type="blocked",
+                                         local_rotary=True, position_embedding_type="absolute"),
+    "sinusoid + lm_head bias": dict(sinusoidal_position_embedding=True, lm_head_bias=True, tie_word_embeddings=False),
     "mixed": dict(local_attn_heads=[1, 2], local_window_size=5, shift_tokens=True, ff_glu=True,
                   norm_type="scalenorm"),
 }
@@ -316,3 +319,35 @@ def test_gradient_checkpointing_with_local_heads_and_shift():
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_local_rotary_rotates_only_the_local_heads():
+    config = tiny_config(local_attn_heads=2, local_window_size=4, position_embedding_type="none", local_rotary=True,
+                         num_hidden_layers=1)
+    model = seeded(PerformerModel, config)
+    attn = model.layers[0].self_attn
+    captured = {}
+    attn.q_proj.register_forward_hook(lambda m, a, out: captured.setdefault("q", out))
+    ids = torch.randint(3, 97, (1, 6))
+    model(ids)
+    plain = captured["q"].view(1, 6, 4, 8).transpose(1, 2)
+    cos, sin = model.rotary_emb(torch.arange(6)[None])
+    from hf_performer.modeling_performer import apply_rotary
+
+    rotated = apply_rotary(plain, cos, sin, first_head=2)
+    assert torch.equal(rotated[:, :2], plain[:, :2])
+    assert not torch.allclose(rotated[:, 2:, 1:], plain[:, 2:, 1:])
+
+
+def test_sinusoidal_position_embedding_is_the_fixed_sin_cos_table():
+    import math
+
+    config = tiny_config(sinusoidal_position_embedding=True, position_embedding_type="none", num_hidden_layers=1)
+    model = seeded(PerformerModel, config)
+    captured = {}
+    model.layers[0].register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    ids = torch.randint(3, 97, (1, 5))
+    model(ids)
+    table = torch.tensor([[math.sin(p / 10000 ** (2 * i / 32)) for i in range(16)]
+                          + [math.cos(p / 10000 ** (2 * i / 32)) for i in range(16)] for p in range(5)])
+    torch.testing.assert_close(captured["x"][0] - model.embed_tokens(ids)[0], table)

@@ -74,3 +74,21 @@ def test_windowed_kernel_attention_equals_dense_reference(chunk, window, decay, 
     expected = (scores @ v.double()) / scores.sum(-1, keepdim=True)
     real = mask[:, None, :].expand(B, H, N)
     torch.testing.assert_close(out[real].double(), expected[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocked_windows_follow_the_local_attention_package(causal):
+    """blocked=True: own block of `window` positions plus the previous one (and the next one when bidirectional)."""
+    torch.manual_seed(1)
+    B, H, N, d, window = 1, 2, 22, 4, 4
+    q, k, v = torch.randn(B, H, N, d), torch.randn(B, H, N, d), torch.randn(B, H, N, d)
+    pos = torch.arange(N).expand(B, N)
+    out = sliding_window_attention(q, k, v, window=window, causal=causal, q_positions=pos, k_positions=pos,
+                                   blocked=True)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    gap = i // window - j // window
+    allowed = (gap == 0) | (gap == 1) | ((gap == -1) & (not causal))
+    if causal:
+        allowed = allowed & (j <= i)
+    expected = dense_reference(q @ k.transpose(-1, -2) * d**-0.5, v, allowed.expand(B, H, N, N))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
