@@ -371,13 +371,13 @@ def performer_attention_forward(
 
     # exp(scaling * q.k) = exp((sqrt(scaling) q) . (sqrt(scaling) k)): FAVOR+ estimates the kernel of the inputs.
     root_scale = math.sqrt(head_dim**-0.5 if scaling is None else scaling)
-    q_features = feature_map.query_features(query * root_scale)  # (B, H, N, m)
-    k_features, k_log_scale = feature_map.key_features(key * root_scale)  # (B, H_kv, S, m), (B, H_kv, S) | None
     groups = heads // key.shape[1]
-    if groups > 1:  # GQA: feature-map the shared keys once, then repeat
-        k_features, value = repeat_kv(k_features, groups), repeat_kv(value, groups)
-        if k_log_scale is not None:
-            k_log_scale = repeat_kv(k_log_scale.unsqueeze(-1), groups).squeeze(-1)
+    if groups > 1:  # GQA: every query head gets its key head (maps such as favor++ pair q and k statistics)
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    query_mask = key_mask if key_mask is not None and q_len == kv_used else None
+    q_features, k_features, k_log_scale = feature_map.attention_features(
+        query * root_scale, key * root_scale, key_mask=key_mask, query_mask=query_mask, causal=causal
+    )  # (B, H, N, m), (B, H, S, m), (B, H, S) or None
 
     if not causal or q_len == 1:  # a single causal query at the end sees every key
         out = linear_attention(q_features, k_features, value, k_log_scale=k_log_scale, key_mask=key_mask)
