@@ -7,10 +7,12 @@ no files), and takes about 5 minutes on 2 CPU cores.
     python examples/train_clm.py
     python examples/train_clm.py --dataset_name Salesforce/wikitext --dataset_config wikitext-2-raw-v1
     python examples/train_clm.py --train_file my_corpus.txt [--validation_file my_val.txt]
-    torchrun --nproc_per_node 2 examples/train_clm.py --max_steps 100
-    accelerate launch --num_processes 2 examples/train_clm.py --fsdp "full_shard auto_wrap"
+    torchrun --nproc_per_node 2 examples/train_clm.py                          # DDP, gloo on CPU
+    accelerate launch --multi_gpu --num_processes 2 examples/train_clm.py      # the same through accelerate
+    torchrun --nproc_per_node 2 examples/train_clm.py --fsdp "full_shard auto_wrap"   # FSDP (on GPUs)
 
-Every ``TrainingArguments`` flag works (``--bf16``, ``--gradient_checkpointing``, ``--torch_compile``, ...).
+Every ``TrainingArguments`` flag works (``--bf16``, ``--gradient_checkpointing``, ``--torch_compile``, ...). On CPU,
+accelerate's ``--multi_gpu`` launcher simply starts the processes; they train with gloo.
 """
 
 from __future__ import annotations
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     # Without an accelerator, `use_cpu` is what makes Trainer set up multi-process CPU training (gloo) under
     # torchrun / accelerate launch; otherwise every process would train alone.
-    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not has_accelerator())
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not has_accelerator(), dataloader_pin_memory=has_accelerator())
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
