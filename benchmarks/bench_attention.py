@@ -1,0 +1,275 @@
+"""Kernel attention alone, forward + backward: hf_performer's ops against exact attention and performer-pytorch.
+
+    .venv/bin/python benchmarks/bench_attention.py            # N = 512 ... 65536, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_attention.py --quick    # N = 512 ... 8192, about 2 minutes
+
+B=1, H=8, m=128 features, d=64, fp32, on the CPU. For each length and method a fresh process times forward +
+backward (best and median of repeats) and records its peak memory (inputs plus the growth of resident memory over
+one forward + backward). Compared:
+
+* ``ours``: ``ops.causal_linear_attention`` (chunked) / ``ops.linear_attention`` on FAVOR+ features with per-token
+  key scales, as the model calls them (the feature map itself is not timed here; ``bench_layer.py`` times it);
+* ``sdpa``: exact ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, N, d) queries, keys and values;
+* ``performer-pytorch``: its pure-PyTorch causal function ``causal_linear_attention_noncuda`` (what its CPU
+  models run) and its ``linear_attention``, on the same features (``pip install performer-pytorch``, the ``bench``
+  extra). Its causal path builds (N, m, d) tensors per head; lengths whose estimate exceeds ``--max-gb`` are skipped.
+
+Useful FLOPs are 4 N m d per head for a forward and 3x that for forward + backward; they are reported as a
+fraction of the fp32 matmul rate measured in the same run. Also measured: the chunk size (C = 16 ... 256) and where
+the quadratic short-sequence path beats the chunked one. Prints markdown tables and writes
+benchmarks/results/bench_attention.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import (  # noqa: E402
+    RESULTS,
+    fmt,
+    machine_line,
+    markdown_table,
+    matmul_rate,
+    measure,
+    run_worker,
+    tensor_bytes,
+    worker_main,
+)
+
+BATCH, HEADS, FEATURES, HEAD_DIM = 1, 8, 128, 64
+
+
+def useful_flops(length: int, features: int = FEATURES, head_dim: int = HEAD_DIM) -> int:
+    """Forward + backward: 3 x (4 N m d) per head."""
+    return 3 * 4 * length * features * head_dim * HEADS * BATCH
+
+
+# -- worker --------------------------------------------------------------------------------------------------------
+
+
+def make_inputs(method: str, length: int, features: int, seed: int = 0):
+    import torch
+
+    from hf_performer.feature_maps import FavorPlusFeatureMap
+
+    torch.manual_seed(seed)
+    shape = (BATCH, HEADS, length, HEAD_DIM)
+    q, k, v = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    if method == "sdpa":
+        return [t.requires_grad_() for t in (q, k, v)], None
+    feature_map = FavorPlusFeatureMap(HEAD_DIM, num_features=features)
+    with torch.no_grad():
+        scale = HEAD_DIM**-0.25
+        q_features = feature_map.query_features(q * scale)  # (B, H, N, m)
+        k_features, log_scale = feature_map.key_features(k * scale)  # (B, H, N, m), (B, H, N)
+        if method.startswith("performer-pytorch"):
+            # performer-pytorch takes plain (unstabilised) features; with these inputs they stay finite.
+            k_features = k_features * torch.exp(log_scale - log_scale.amax()).unsqueeze(-1)
+            log_scale = None
+    return [t.contiguous().requires_grad_() for t in (q_features, k_features, v)], log_scale
+
+
+def attention_fn(method: str, causal: bool, log_scale, chunk_size: int, implementation: str):
+    import torch
+
+    if method == "sdpa":
+        return lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if method == "ours":
+        from hf_performer import ops
+
+        if causal:
+            return lambda q, k, v: ops.causal_linear_attention(
+                q, k, v, k_log_scale=log_scale, chunk_size=chunk_size, implementation=implementation
+            )[0]
+        return lambda q, k, v: ops.linear_attention(q, k, v, k_log_scale=log_scale, implementation=implementation)
+    if method == "performer-pytorch":
+        from performer_pytorch import performer_pytorch as pp
+
+        return pp.causal_linear_attention_noncuda if causal else pp.linear_attention
+    raise ValueError(method)
+
+
+def worker(args: dict) -> dict:
+    import torch
+
+    inputs, log_scale = make_inputs(args["method"], args["length"], args["features"])
+    fn = attention_fn(args["method"], args["causal"], log_scale, args["chunk_size"], args["implementation"])
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+
+    with torch.no_grad():
+        out_bytes = tensor_bytes(fn(*inputs))
+    input_bytes = tensor_bytes(*inputs, log_scale)
+    result = measure(step, budget_s=args["budget_s"], max_reps=args["max_reps"])
+    result.update(input_bytes=input_bytes, output_bytes=out_bytes, peak_bytes=input_bytes + result["growth_bytes"])
+    return result
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+
+
+def estimate_pp_bytes(length: int) -> int:
+    """performer-pytorch's causal path keeps its (N, m, d) context and running sum for backward, and einsum
+    temporaries of the same size: up to 6 such tensors per head (1.6 GB measured at N = 2048)."""
+    return 6 * BATCH * HEADS * length * FEATURES * HEAD_DIM * 4
+
+
+def bench(method, length, causal, opts, *, chunk_size=64, implementation="chunked", features=FEATURES):
+    args = dict(
+        method=method, length=length, causal=causal, threads=opts.threads, chunk_size=chunk_size,
+        implementation=implementation, features=features, budget_s=opts.budget, max_reps=opts.reps,
+    )
+    result = run_worker(__file__, args)
+    status = "ok" if "error" not in result else result["error"]
+    label = f"{method} {'causal' if causal else 'bidirectional'} N={length}"
+    if implementation != "chunked" or chunk_size != 64:
+        label += f" ({implementation}, C={chunk_size})"
+    print(f"  {label}: {status} {fmt(result.get('min_s'), '.3f')} s", file=sys.stderr, flush=True)
+    return result if "error" not in result else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N up to 8192, fewer baselines (about 2 minutes)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--max-sdpa", type=int, default=None, help="longest N for exact attention")
+    parser.add_argument("--max-gb", type=float, default=4.0, help="skip performer-pytorch above this estimate")
+    parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed repeats per cell")
+    parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
+    opts = parser.parse_args()
+    import torch
+
+    opts.threads = opts.threads or torch.get_num_threads()
+    lengths = [512, 1024, 2048, 4096, 8192] + ([] if opts.quick else [16384, 32768, 65536])
+    max_sdpa = opts.max_sdpa or (4096 if opts.quick else 16384)
+    rate = matmul_rate(opts.threads)
+    header = machine_line(opts.threads, rate)
+    print(header, file=sys.stderr)
+
+    results = {"machine": header, "matmul_flops": rate, "causal": {}, "bidirectional": {}, "chunk": {}, "short": {}}
+    for causal in (True, False):
+        table = results["causal" if causal else "bidirectional"]
+        for length in lengths:
+            row = table[length] = {"ours": bench("ours", length, causal, opts)}
+            row["sdpa"] = bench("sdpa", length, causal, opts) if length <= max_sdpa else None
+            fits = estimate_pp_bytes(length) <= opts.max_gb * 2**30 or not causal
+            row["performer-pytorch"] = bench("performer-pytorch", length, causal, opts) if fits else None
+
+    # Chunk size: forward + backward of the causal op at one length.
+    chunk_length = 4096 if opts.quick else 8192
+    for chunk in (16, 32, 64, 128, 256):
+        results["chunk"][chunk] = bench("ours", chunk_length, True, opts, chunk_size=chunk)
+    # Short sequences: the quadratic path against the chunked one, and what "auto" picks.
+    for length in (32, 64, 128, 256, 512):
+        results["short"][length] = {
+            impl: bench("ours", length, True, opts, implementation=impl) for impl in ("quadratic", "chunked")
+        }
+
+    rate = max(rate, matmul_rate(opts.threads))  # the machine is shared: keep the best rate seen
+    results["matmul_flops"] = rate
+    report = render(results, rate, chunk_length, opts)
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_attention.md").write_text(report + "\n")
+    (RESULTS / "bench_attention.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot(results, RESULTS / "bench_attention.png")
+
+
+def ms(result, key="min_s"):
+    return None if result is None else 1e3 * result[key]
+
+
+def mb(result):
+    return None if result is None else result["peak_bytes"] / 2**20
+
+
+def ratio(a, b):
+    return None if a is None or b is None else b["min_s"] / a["min_s"]
+
+
+def render(results, rate, chunk_length, opts) -> str:
+    from hf_performer import ops
+
+    command = "python benchmarks/bench_attention.py" + (" --quick" if opts.quick else "")
+    parts = [
+        f"# Kernel attention, forward + backward (`{command}`)",
+        "",
+        results["machine"] + f"; the best matmul rate of the run: {rate / 1e9:.0f} GFLOP/s.",
+        f"B={BATCH}, H={HEADS}, m={FEATURES}, d={HEAD_DIM}, fp32. Times are the best of repeats (median in the JSON), "
+        "ms. Peak memory: inputs plus the growth of resident memory over one forward + backward, MiB. "
+        "Useful FLOP/s: 12 N m d H / time.",
+    ]
+    for mode in ("causal", "bidirectional"):
+        rows = []
+        for length, row in results[mode].items():
+            ours, sdpa, pp = row["ours"], row["sdpa"], row["performer-pytorch"]
+            useful = None if ours is None else useful_flops(int(length)) / ours["min_s"]
+            io = None if ours is None else (ours["input_bytes"] + ours["output_bytes"])
+            rows.append([
+                length, fmt(ms(ours), ".1f"), fmt(ms(sdpa), ".1f"), fmt(ms(pp), ".1f"),
+                fmt(ratio(ours, sdpa), ".2f"), fmt(ratio(ours, pp), ".2f"),
+                fmt(None if useful is None else useful / 1e9, ".1f"),
+                fmt(None if useful is None else 100 * useful / rate, ".0f"),
+                fmt(mb(ours)), fmt(None if io is None else ours["peak_bytes"] / io, ".2f"), fmt(mb(sdpa)), fmt(mb(pp)),
+            ])
+        parts += ["", f"## {mode.capitalize()}", "", markdown_table(
+            ["N", "ours ms", "SDPA ms", "perf-pt ms", "SDPA / ours", "perf-pt / ours", "useful GFLOP/s",
+             "% of matmul", "ours MiB", "ours peak / (in + out)", "SDPA MiB", "perf-pt MiB"], rows)]
+    rows = []
+    for chunk, result in results["chunk"].items():
+        useful = None if result is None else useful_flops(chunk_length) / result["min_s"]
+        rows.append([chunk, fmt(ms(result), ".1f"), fmt(ms(result, "median_s"), ".1f"),
+                     fmt(None if useful is None else 100 * useful / rate, ".0f"), fmt(mb(result))])
+    parts += ["", f"## Chunk size (causal, N={chunk_length})", "",
+              markdown_table(["C", "best ms", "median ms", "% of matmul", "MiB"], rows)]
+    rows = []
+    for length, pair in results["short"].items():
+        quad, chunked = pair["quadratic"], pair["chunked"]
+        auto = ops.choose_implementation(int(length), int(length), FEATURES, HEAD_DIM, causal=True)
+        rows.append([length, fmt(ms(quad), ".2f"), fmt(ms(chunked), ".2f"), auto])
+    parts += ["", "## Short sequences (causal): quadratic vs chunked, and what `implementation=\"auto\"` picks", "",
+              markdown_table(["N", "quadratic ms", "chunked ms", "auto"], rows)]
+    return "\n".join(parts)
+
+
+def plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    names = {"ours": "hf_performer (chunked)", "sdpa": "exact SDPA", "performer-pytorch": "performer-pytorch"}
+    for col, mode in enumerate(("causal", "bidirectional")):
+        for method, label in names.items():
+            points = [(int(n), row[method]) for n, row in results[mode].items() if row[method] is not None]
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            axes[0, col].plot(xs, [r["min_s"] for _, r in points], "o-", label=label)
+            axes[1, col].plot(xs, [r["peak_bytes"] / 2**20 for _, r in points], "o-", label=label)
+        for row, ylabel in enumerate(("forward + backward, s", "peak memory, MiB")):
+            ax = axes[row, col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        axes[0, col].set_title(f"{mode} attention, B=1 H=8 m=128 d=64 fp32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    if not worker_main(worker):
+        main()
