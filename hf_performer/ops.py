@@ -208,16 +208,17 @@ def _block_layout(groups: int, length: int, chunk: int) -> tuple[int, int]:
 class _Block:
     """hb heads x nb chunks of C tokens (X = hb * nb chunks), with everything forward and backward share.
 
-    Chunk i adds its own keys through a masked (C, C) product and earlier keys through the state entering it,
-    U_j = k_j^T (e_j [v_j | 1]) summed over chunks j < i, where ``e[u] = exp(l_u - ce_j)`` <= 1 puts chunk j's keys
-    at the scale ce_j of its last token. Three modes:
+    Chunk i adds its own keys through a masked (C, C) product with ``values`` and earlier keys through the state
+    entering it, E_i = alpha_i E_{i-1} + U_{i-1} with U_j = k_j^T ``state_values``_j. Three modes:
 
     * plain (no log scale): every scale is 1 and the weights are the causal mask.
-    * fast (log scales, and every query's running max c_t within FAST_SPAN nats of its chunk's ce_i): all of chunk i
-      is computed at scale ce_i; query t's numerator and normaliser then both carry exp(c_t - ce_i) >= exp(-FAST_SPAN),
-      which cancels in their ratio, so there are no (C, C) exponentials and no per-query scales at all.
-    * exact (otherwise): weights exp(l_u - c_t) <= 1, the entering state at scale cp_i = ce_{i-1}, brought to query
-      t by ``row_scale = exp(cp_i - c_t)`` <= 1. Nothing can overflow or lose range, whatever the log scales do.
+    * fast (log scales, and every query's running max c_t within FAST_SPAN nats of its chunk's ce_i): chunk i is
+      computed at the scale ce_i of its last token: its values carry exp(l_u - ce_i), E_i is at scale ce_i, and query
+      t's numerator and normaliser both carry exp(c_t - ce_i) >= exp(-FAST_SPAN), which cancels in their ratio; so
+      there are no (C, C) exponentials and no per-query scales. A chunk's keys join the state already at the next
+      chunk's scale, exp(l_u - ce_{i+1}), so the scan is one fused op per chunk.
+    * exact (otherwise): weights exp(l_u - c_t) <= 1, E_i at scale cp_i = ce_{i-1}, brought to query t by
+      ``row_scale = exp(cp_i - c_t)`` <= 1. Nothing can overflow or lose range, whatever the log scales do.
     """
 
     def __init__(self, q, k, v, log_scale, c, c_start, heads: slice, start: int, end: int, chunk: int, ct):
@@ -227,11 +228,11 @@ class _Block:
         self.q = q[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m), a view for fp32 inputs
         self.k = k[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m)
         v_aug = _append_ones(v[heads, start:end].to(ct)).view(x, chunk, -1)  # (X, C, d+1)
-        self.values = self.ve = v_aug  # values of the intra-chunk product, and of the chunk's state
-        self.weights = self.row_scale = self.e = None
-        # Scan factors: entering_0 = alpha0 S, entering_i = alpha_i entering_{i-1} + beta_i U_{i-1} (beta is 1 or
-        # alpha), leaving = alpha_end entering_last + U_last; None stands for 1.
-        self.alpha0 = self.alphas = self.alpha_end = None
+        self.values = self.state_values = v_aug  # (X, C, d+1) of the intra-chunk product / of the state
+        self.value_scale = self.state_scale = None  # (X, C, 1): what values / state_values carry beyond v_aug
+        self.weights = self.row_scale = None
+        # Scan: E_0 = alpha0 S, E_i = steps[i-1] E_{i-1} + U_{i-1} for i = 1 .. nb, E_nb the leaving state; None: 1.
+        self.alpha0 = self.steps = None
         self.fast = log_scale is None
         if log_scale is None:
             return
@@ -239,25 +240,29 @@ class _Block:
         cb = c[heads, start:end].to(ct).view(hb, nb, chunk)  # (hb, nb, C)
         c_start = c_start[heads]  # (hb,)
         ce = cb[..., -1]  # (hb, nb)
-        gap = (ce.unsqueeze(-1) - cb).masked_fill_(cb <= NEG_LOG_SCALE / 2, 0.0)  # queries with no key yet see 0
+        gap = (ce.unsqueeze(-1) - cb).masked_fill_(cb <= NEG_LOG_SCALE / 2, 0.0)  # queries with no key yet: 0
         self.fast = bool(gap.max() <= FAST_SPAN)
-        self.e = torch.exp(lb - ce.unsqueeze(-1)).view(x, chunk, 1)  # (X, C, 1)
-        self.ve = v_aug * self.e  # (X, C, d+1)
         if self.fast:
-            self.values = self.ve
+            ce_next = torch.cat([ce[:, 1:], ce[:, -1:]], dim=-1)  # (hb, nb)
+            self.value_scale = torch.exp(lb - ce.unsqueeze(-1)).view(x, chunk, 1)
+            self.state_scale = torch.exp(lb - ce_next.unsqueeze(-1)).view(x, chunk, 1)
+            self.values = v_aug * self.value_scale
+            self.state_values = v_aug * self.state_scale
             self.alpha0 = torch.exp(c_start - ce[:, 0])[:, None, None]  # (hb, 1, 1)
-            self.alphas = torch.exp(ce[:, :-1] - ce[:, 1:])[..., None, None]  # (hb, nb-1, 1, 1)
+            self.steps = torch.exp(ce - ce_next)[..., None, None]  # (hb, nb, 1, 1)
             return
         cp = torch.cat([c_start.unsqueeze(-1), ce[:, :-1]], dim=-1)  # (hb, nb)
+        cp_next = torch.cat([ce[:, :-1], ce[:, -1:]], dim=-1)  # (hb, nb): cp_{i+1}, then the last token's
+        self.state_scale = torch.exp(lb - ce.unsqueeze(-1)).view(x, chunk, 1)
+        self.state_values = v_aug * self.state_scale
         # exp(-inf) and denormals are slow on CPU: clamp the future (u > t) to 0 before exp and mask it after.
         exponent = (lb.unsqueeze(-2) - cb.unsqueeze(-1)).clamp_(max=0.0)  # (hb, nb, C, C): l_u - c_t
         self.weights = exponent.exp_().view(x, chunk, chunk).tril_()
         self.row_scale = torch.exp(cp.unsqueeze(-1) - cb).view(x, chunk, 1)  # (X, C, 1)
-        self.alphas = torch.exp(cp[:, :-1] - cp[:, 1:])[..., None, None]  # (hb, nb-1, 1, 1)
-        self.alpha_end = torch.exp(cp[:, -1] - ce[:, -1])[:, None, None]  # (hb, 1, 1)
+        self.steps = torch.exp(cp - cp_next)[..., None, None]  # (hb, nb, 1, 1)
 
     def chunk_kv(self) -> Tensor:
-        return self.k.transpose(-1, -2) @ self.ve  # (X, m, d+1)
+        return self.k.transpose(-1, -2) @ self.state_values  # (X, m, d+1)
 
     def mask(self, scores: Tensor) -> Tensor:
         """Causal mask (and weights) of a (X, C, C) product, in place."""
@@ -270,56 +275,39 @@ class _Block:
         """kv (X, m, d+1) per chunk and the block's entering state (hb, m, d+1) -> the state entering each chunk
         (X, m, d+1) and the state leaving the block (hb, m, d+1, at the last token's scale).
 
-        One fused op per chunk: torch's cumsum over a non-last dimension is ~30x slower on CPU, and a cumsum at one
-        common scale could overflow."""
+        One fused op per chunk on cache-sized rows: torch's cumsum over a non-last dimension is ~30x slower on
+        CPU, and a cumsum at one common scale could overflow."""
         hb, nb = self.hb, self.nb
-        kv = kv.view(hb, nb, *kv.shape[1:])  # (hb, nb, m, d+1)
-        if self.fast and self.alphas is not None:
-            kv = kv.clone()
-            kv[:, :-1] *= self.alphas  # entering_i = alpha_i (entering_{i-1} + U_{i-1}): pre-scale U_{i-1}
-        entering = torch.empty_like(kv)
-        rows, kvs = entering.unbind(1), kv.unbind(1)
+        kvs = kv.view(hb, nb, *kv.shape[1:]).unbind(1)
+        states = kv.new_empty(hb, nb + 1, *kv.shape[1:])  # entering states, then the leaving one
+        rows = states.unbind(1)
         if self.alpha0 is None:
             rows[0].copy_(state)
         else:
             torch.mul(state, self.alpha0, out=rows[0])
-        alphas = [None] * nb if self.alphas is None else self.alphas.unbind(1)
-        for i in range(1, nb):
-            if alphas[i - 1] is None:
+        steps = [None] * nb if self.steps is None else self.steps.unbind(1)
+        for i in range(1, nb + 1):
+            if steps[i - 1] is None:
                 torch.add(rows[i - 1], kvs[i - 1], out=rows[i])
             else:
-                torch.addcmul(kvs[i - 1], rows[i - 1], alphas[i - 1], out=rows[i])
-        if self.alpha_end is None:
-            leaving = rows[-1] + kvs[-1]
-        else:
-            leaving = torch.addcmul(kvs[-1], rows[-1], self.alpha_end)
-        return entering.flatten(0, 1), leaving
+                torch.addcmul(kvs[i - 1], rows[i - 1], steps[i - 1], out=rows[i])
+        return states[:, :nb].flatten(0, 1), rows[nb]
 
     def scan_backward(self, d_entering: Tensor, d_leaving: Tensor) -> tuple[Tensor, Tensor]:
         """Transpose of ``scan``: gradients w.r.t. the per-chunk kv (X, m, d+1) and the entering state (hb, ...)."""
         hb, nb = self.hb, self.nb
-        d_entering = d_entering.view(hb, nb, *d_entering.shape[1:])  # (hb, nb, m, d+1)
-        grad = torch.empty_like(d_entering)  # w.r.t. entering_i, all paths
-        rows, d_rows = grad.unbind(1), d_entering.unbind(1)
-        if self.alpha_end is None:
-            torch.add(d_rows[-1], d_leaving, out=rows[-1])
-        else:
-            torch.addcmul(d_rows[-1], d_leaving, self.alpha_end, out=rows[-1])
-        alphas = [None] * nb if self.alphas is None else self.alphas.unbind(1)
-        for i in range(nb - 1, 0, -1):
-            if alphas[i - 1] is None:
+        d_rows = d_entering.view(hb, nb, *d_entering.shape[1:]).unbind(1)
+        grads = d_entering.new_empty(hb, nb + 1, *d_entering.shape[1:])  # w.r.t. each E_i, all paths
+        rows = grads.unbind(1)
+        rows[nb].copy_(d_leaving)
+        steps = [None] * nb if self.steps is None else self.steps.unbind(1)
+        for i in range(nb, 0, -1):
+            if steps[i - 1] is None:
                 torch.add(d_rows[i - 1], rows[i], out=rows[i - 1])
             else:
-                torch.addcmul(d_rows[i - 1], rows[i], alphas[i - 1], out=rows[i - 1])
-        # U_{i-1} enters entering_i with factor beta_i (alpha_i in fast mode, else 1); U_last the leaving state.
-        d_kv = torch.empty_like(grad)
-        if self.fast and self.alphas is not None:
-            torch.mul(grad[:, 1:], self.alphas, out=d_kv[:, :-1])
-        else:
-            d_kv[:, :-1] = grad[:, 1:]
-        d_kv[:, -1] = d_leaving
+                torch.addcmul(d_rows[i - 1], rows[i], steps[i - 1], out=rows[i - 1])
         d_state = rows[0] if self.alpha0 is None else rows[0] * self.alpha0
-        return d_kv.flatten(0, 1), d_state
+        return grads[:, 1:].flatten(0, 1), d_state  # U_{i-1} enters E_i with factor 1
 
 
 def _running_max(log_scale, c0, ct):
@@ -436,14 +424,15 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
         d_q = _workspace(dq[heads_, start:end].view(x, chunk, m), ct)
         torch.bmm(d_out_scaled, entering.transpose(-1, -2), out=d_q).baddbmm_(d_scores, blk.k)
         d_k = _workspace(dk[heads_, start:end].view(x, chunk, m), ct)
-        torch.bmm(blk.ve, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
+        torch.bmm(blk.state_values, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
         d_v = _workspace(dv[heads_, start:end].view(x, chunk, d), ct)
-        torch.bmm(blk.k, d_kv[..., :d], out=d_v)  # through the state, which holds e * v
-        if not blk.fast:
-            d_v.mul_(blk.e)
-        d_v.baddbmm_(blk.scores().transpose(-1, -2), d_out[..., :d])  # through this chunk's product
-        if blk.fast and blk.e is not None:
-            d_v.mul_(blk.e)  # both paths held e * v
+        torch.bmm(blk.scores().transpose(-1, -2), d_out[..., :d], out=d_v)  # through this chunk's product
+        if blk.value_scale is not None:
+            d_v.mul_(blk.value_scale)
+        through_state = blk.k @ d_kv[..., :d]  # (X, C, d)
+        if blk.state_scale is not None:
+            through_state.mul_(blk.state_scale)
+        d_v.add_(through_state)
         for full, block in ((dq, d_q), (dk, d_k), (dv, d_v)):
             _write_back(full[heads_, start:end], block)
         if start == 0:
