@@ -71,7 +71,10 @@ def main():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 keeps timings stable on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     contexts = [256, 1024, 4096] if args.quick else [256, 1024, 4096, 16384, 32768]
     torch.manual_seed(0)
     vocab = 8192
@@ -81,7 +84,7 @@ def main():
     )).eval()
     gpt2 = GPT2LMHeadModel(GPT2Config(
         vocab_size=vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
-        n_positions=max(contexts) + 64,
+        n_positions=max(contexts) + 64, bos_token_id=None, eos_token_id=None,
     )).eval()
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     print(f"Performer {params(performer):.1f}M params, GPT-2 {params(gpt2):.1f}M params, "
