@@ -4,8 +4,9 @@ GPT-2-shaped transformers model of the same size (KV cache).
     .venv/bin/python benchmarks/bench_decode.py            # contexts 256 ... 32768
     .venv/bin/python benchmarks/bench_decode.py --quick    # contexts 256 ... 4096
 
-The Performer reaches each context by a real chunked prefill (linear cost). GPT-2's KV cache is filled with random
-keys/values of the right shape instead of a quadratic prefill: its decode cost depends only on the cache size.
+The Performer reaches each context by a real chunked prefill (linear cost) and its contexts are timed round-robin.
+GPT-2's KV cache is filled with random keys/values of the right shape instead of a quadratic prefill: its decode
+cost depends only on the cache size.
 Prints a markdown table and writes benchmarks/results/bench_decode.{md,png}.
 """
 
@@ -92,10 +93,19 @@ def main():
 
     rows = []
     token = torch.randint(0, vocab, (1, 1))
-    for context in tqdm(contexts, desc="contexts"):
-        p_cache = performer_at(performer, context)
-        p_bytes = cache_bytes(p_cache)
-        p_time = timed_decode(performer, p_cache, token, args.steps)
+    # Performer caches are small: keep one per context and time them round-robin, so a change in machine load
+    # during the run cannot masquerade as a dependence on the context length.
+    p_caches = {context: performer_at(performer, context) for context in tqdm(contexts, desc="Performer prefill")}
+    p_samples = {context: [] for context in contexts}
+    with torch.inference_mode():
+        for _ in tqdm(range(args.steps), desc="Performer decode (round-robin)"):
+            for context in contexts:
+                start = time.perf_counter()
+                performer(token, past_key_values=p_caches[context], use_cache=True)
+                p_samples[context].append(time.perf_counter() - start)
+    for context in tqdm(contexts, desc="GPT-2 contexts"):
+        p_bytes = cache_bytes(p_caches[context])
+        p_time = statistics.median(p_samples[context][1:])
         g_cache = gpt2_cache_at(gpt2, context)
         g_bytes = cache_bytes(g_cache)
         mask = torch.ones(1, context + 1, dtype=torch.long)
