@@ -24,6 +24,7 @@ STARTED = time.perf_counter()  # before the heavy imports, so the reported total
 import json
 import logging
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,6 +70,11 @@ TRAINING_DEFAULTS = dict(
 )
 
 
+# RMSNorm and a SwiGLU feed-forward: on this corpus, 350 steps reached a validation loss of 2.22-2.26 nats/byte,
+# where a LayerNorm + GELU block with 128 hidden units stopped at 2.56 after 300 steps, in more time.
+LLAMA_STYLE_BLOCK = {"norm_type": "rmsnorm", "ff_glu": True, "hidden_act": "silu", "mlp_bias": False}
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
@@ -77,17 +83,22 @@ class ModelArguments:
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer path or Hub id; default: byte-level (ByT5Tokenizer, no files)."}
     )
-    hidden_size: int = 128
+    hidden_size: int = 96
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
+    intermediate_size: int = 256
     feature_map: str = field(default="favor+", metadata={"help": "One of hf_performer.available_feature_maps()."})
     nb_features: int | None = None
     feature_redraw_interval: int = field(
         default=100, metadata={"help": "Optimizer steps between redraws of the random features; 0 = never."}
     )
+    torch_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads per process; default: torch's, or 1 when the machine is already busy."},
+    )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "More PerformerConfig fields as JSON, e.g. '{\"norm_type\": \"rmsnorm\", \"ff_glu\": true}'."},
+        metadata={"help": "More PerformerConfig fields as JSON, e.g. '{\"local_attn_heads\": 2}'."},
     )
 
 
@@ -191,10 +202,12 @@ def build_model(model_args: ModelArguments, tokenizer) -> PerformerForCausalLM:
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
     config = PerformerConfig(
         **{
+            **LLAMA_STYLE_BLOCK,
             "vocab_size": len(tokenizer),
             "hidden_size": model_args.hidden_size,
             "num_hidden_layers": model_args.num_hidden_layers,
             "num_attention_heads": model_args.num_attention_heads,
+            "intermediate_size": model_args.intermediate_size,
             "feature_map": model_args.feature_map,
             "nb_features": model_args.nb_features,
             "feature_redraw_interval": model_args.feature_redraw_interval,
@@ -211,6 +224,20 @@ def has_accelerator() -> bool:
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()
+
+
+def choose_cpu_threads(requested: int | None) -> None:
+    """Threads of one op wait for each other; on a CPU that other work keeps busy that waiting dominates (measured:
+    a training step of the default model took 4-8 s with 2 threads and 0.8 s with 1 on a loaded 2-core machine)."""
+    if requested:
+        torch.set_num_threads(requested)
+        return
+    if has_accelerator() or "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if cores > 1 and load >= cores - 0.5:
+        torch.set_num_threads(1)
+        logger.info("the CPU is busy (load %.1f on %d cores): training on 1 thread", load, cores)
 
 
 def ranks_agree(model) -> bool:
@@ -256,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
             "(FSDP2's fully_shard itself works on CPU in a plain PyTorch loop, see tests/test_distributed.py)"
         )
     set_seed(training_args.seed)
+    choose_cpu_threads(model_args.torch_threads)
 
     if model_args.tokenizer_name:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)

@@ -19,7 +19,7 @@ from hf_performer.feature_maps import gaussian_projection
 from hf_performer.modeling_performer import feature_seed
 
 CONFIG = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, nb_features=8,
-              attention_chunk_size=8, feature_seed=5)
+              attention_chunk_size=8, attention_implementation="chunked", feature_seed=5)
 DDP_STEPS, DDP_ACCUMULATION, DDP_INTERVAL = 4, 2, 2
 FSDP_STEPS, FSDP_INTERVAL, FSDP_BATCH, LENGTH = 3, 2, 2, 16
 

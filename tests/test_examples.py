@@ -15,7 +15,10 @@ from datasets import Dataset
 from huggingface_hub import HfApi
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = ["--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--block_size", "64",
+# A LayerNorm + GELU block learns faster than the default Llama-style one at this tiny width (and exercises
+# --config_overrides).
+TINY = ["--config_overrides", '{"norm_type": "layernorm", "ff_glu": false, "hidden_act": "gelu", "mlp_bias": true}',
+        "--hidden_size", "32", "--intermediate_size", "128", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--block_size", "64",
         "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--warmup_steps", "10",
         "--max_eval_samples", "32", "--eval_steps", "1000", "--logging_steps", "50", "--max_new_tokens", "20",
         "--disable_tqdm", "true"]

@@ -36,8 +36,10 @@ def single_thread():
 
 
 def tiny_model(**overrides) -> PerformerForCausalLM:
+    # "chunked": the path long training sequences take (16 tokens would otherwise pick the quadratic one).
     options = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, nb_features=8,
-                   attention_chunk_size=8, feature_redraw_interval=1000, feature_seed=3)
+                   attention_chunk_size=8, attention_implementation="chunked", feature_redraw_interval=1000,
+                   feature_seed=3)
     options.update(overrides)
     torch.manual_seed(0)
     return PerformerForCausalLM(PerformerConfig(**options))
@@ -237,8 +239,16 @@ def run_steps(tmp_path, model, steps=3, **args) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_bf16_autocast_training(tmp_path):
-    model = tiny_model()
+BF16_CHUNKED_BUG = (
+    "ops.py chunked scan under CPU bf16 autocast: out_aug.baddbmm_ gets bf16 operands for a float32 output "
+    "('Bad in-place call'); the custom op needs autocast disabled inside (inputs upcast to float32)"
+)
+
+
+@pytest.mark.parametrize("implementation", [
+    "quadratic", pytest.param("chunked", marks=pytest.mark.xfail(reason=BF16_CHUNKED_BUG, raises=RuntimeError, strict=True))])
+def test_bf16_autocast_training(tmp_path, implementation):
+    model = tiny_model(attention_implementation=implementation)
     initial = {name: tensor.clone() for name, tensor in model.named_parameters()}
     seen_dtypes = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: seen_dtypes.append(out.dtype))
