@@ -1,11 +1,12 @@
 """Kernel attention alone, forward + backward: hf_performer's ops against exact attention and performer-pytorch.
 
-    .venv/bin/python benchmarks/bench_attention.py            # N = 512 ... 65536, about 10 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_attention.py --quick    # N = 512 ... 8192, about 2 minutes
+    .venv/bin/python benchmarks/bench_attention.py [--threads T]            # N = 512 ... 65536, ~10 minutes
+    .venv/bin/python benchmarks/bench_attention.py --quick [--threads T]    # N = 512 ... 8192, ~3 minutes
 
-B=1, H=8, m=128 features, d=64, fp32, on the CPU. For each length and method a fresh process times forward +
-backward (best and median of repeats) and records its peak memory (inputs plus the growth of resident memory over
-one forward + backward). Compared:
+B=1, H=8, m=128 features, d=64, fp32, on the CPU. Each method runs in its own process, lengths in increasing order;
+each cell is forward + backward (best and median of repeats) and its peak memory (inputs plus the growth of resident
+memory over one forward + backward). Exact attention stops at N = 16384 causal / 8192 bidirectional (quadratic
+time). Compared:
 
 * ``ours``: ``ops.causal_linear_attention`` (chunked) / ``ops.linear_attention`` on FAVOR+ features with per-token
   key scales, as the model calls them (the feature map itself is not timed here; ``bench_layer.py`` times it);
@@ -106,8 +107,7 @@ def worker(args: dict) -> dict:
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
 
-    with torch.no_grad():
-        out_bytes = tensor_bytes(fn(*inputs))
+    out_bytes = BATCH * HEADS * args["length"] * HEAD_DIM * 4  # (B, H, N, d) fp32
     input_bytes = tensor_bytes(*inputs, log_scale)
     result = measure(step, budget_s=args["budget_s"], max_reps=args["max_reps"])
     result.update(input_bytes=input_bytes, output_bytes=out_bytes, peak_bytes=input_bytes + result["growth_bytes"])
@@ -123,56 +123,63 @@ def estimate_pp_bytes(length: int) -> int:
     return 6 * BATCH * HEADS * length * FEATURES * HEAD_DIM * 4
 
 
-def bench(method, length, causal, opts, *, chunk_size=64, implementation="chunked", features=FEATURES):
-    args = dict(
-        method=method, length=length, causal=causal, threads=opts.threads, chunk_size=chunk_size,
-        implementation=implementation, features=features, budget_s=opts.budget, max_reps=opts.reps,
-    )
-    result = run_worker(__file__, args)
-    status = "ok" if "error" not in result else result["error"]
-    label = f"{method} {'causal' if causal else 'bidirectional'} N={length}"
-    if implementation != "chunked" or chunk_size != 64:
-        label += f" ({implementation}, C={chunk_size})"
-    print(f"  {label}: {status} {fmt(result.get('min_s'), '.3f')} s", file=sys.stderr, flush=True)
-    return result if "error" not in result else None
+def row(method, causal, cells, opts):
+    """Run one method over ``cells`` (dicts with length and optionally chunk_size / implementation) in one process."""
+    common = dict(method=method, causal=causal, threads=opts.threads, chunk_size=64, implementation="chunked",
+                  features=FEATURES, budget_s=opts.budget, max_reps=opts.reps)
+    for cell in cells:
+        cell["label"] = f"{method} {'causal' if causal else 'bidirectional'} " + " ".join(
+            f"{key}={value}" for key, value in cell.items())
+    print(f"  {method}, {'causal' if causal else 'bidirectional'}:", file=sys.stderr, flush=True)
+    return run_worker(__file__, common, cells)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N up to 8192, fewer baselines (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="N up to 8192, fewer baselines (a few minutes)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--max-sdpa", type=int, default=None, help="longest N for exact attention")
     parser.add_argument("--max-gb", type=float, default=4.0, help="skip performer-pytorch above this estimate")
-    parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed repeats per cell")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed repeats per cell")
     parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
     opts = parser.parse_args()
     import torch
 
     opts.threads = opts.threads or torch.get_num_threads()
     lengths = [512, 1024, 2048, 4096, 8192] + ([] if opts.quick else [16384, 32768, 65536])
-    max_sdpa = opts.max_sdpa or (4096 if opts.quick else 16384)
+    # Exact attention is quadratic: these are the longest lengths that fit the time budget of a run.
+    max_sdpa = {True: 4096, False: 2048} if opts.quick else {True: 16384, False: 8192}
+    max_pp = 2048 if opts.quick else max(n for n in lengths if estimate_pp_bytes(n) <= opts.max_gb * 2**30)
+    chunk_length = 4096 if opts.quick else 8192
     rate = matmul_rate(opts.threads)
     header = machine_line(opts.threads, rate)
     print(header, file=sys.stderr)
 
-    results = {"machine": header, "matmul_flops": rate, "causal": {}, "bidirectional": {}, "chunk": {}, "short": {}}
+    results = {"machine": header, "causal": {}, "bidirectional": {}, "chunk": {}, "short": {}}
     for causal in (True, False):
-        table = results["causal" if causal else "bidirectional"]
-        for length in lengths:
-            row = table[length] = {"ours": bench("ours", length, causal, opts)}
-            row["sdpa"] = bench("sdpa", length, causal, opts) if length <= max_sdpa else None
-            fits = estimate_pp_bytes(length) <= opts.max_gb * 2**30 or not causal
-            row["performer-pytorch"] = bench("performer-pytorch", length, causal, opts) if fits else None
-
-    # Chunk size: forward + backward of the causal op at one length.
-    chunk_length = 4096 if opts.quick else 8192
-    for chunk in (16, 32, 64, 128, 256):
-        results["chunk"][chunk] = bench("ours", chunk_length, True, opts, chunk_size=chunk)
-    # Short sequences: the quadratic path against the chunked one, and what "auto" picks.
-    for length in (32, 64, 128, 256, 512):
-        results["short"][length] = {
-            impl: bench("ours", length, True, opts, implementation=impl) for impl in ("quadratic", "chunked")
-        }
+        mode = "causal" if causal else "bidirectional"
+        limits = {"ours": max(lengths), "sdpa": max_sdpa[causal], "performer-pytorch": max_pp if causal else max(lengths)}
+        table = results[mode] = {n: {} for n in lengths}
+        for method, limit in limits.items():
+            cells = [{"length": n} for n in lengths if n <= limit]
+            extra = []
+            if method == "ours" and causal:
+                # Chunk sizes at one length, and the quadratic path against the chunked one on short inputs.
+                extra = [{"length": chunk_length, "chunk_size": c} for c in (16, 32, 128, 256)]
+                extra += [{"length": n, "implementation": impl} for n in (32, 64, 128, 256, 512)
+                          for impl in ("quadratic", "chunked")]
+            measured = row(method, causal, [dict(c) for c in cells + extra], opts)
+            for cell, result in zip(cells, measured):
+                table[cell["length"]][method] = result
+            for n in lengths:
+                table[n].setdefault(method, None)
+            if extra:
+                for cell, result in zip(extra, measured[len(cells):]):
+                    if "chunk_size" in cell:
+                        results["chunk"][cell["chunk_size"]] = result
+                    else:
+                        results["short"].setdefault(cell["length"], {})[cell["implementation"]] = result
+                results["chunk"][64] = table[chunk_length]["ours"]
+                results["chunk"] = dict(sorted(results["chunk"].items()))
 
     rate = max(rate, matmul_rate(opts.threads))  # the machine is shared: keep the best rate seen
     results["matmul_flops"] = rate

@@ -1,7 +1,7 @@
 """One causal layer, forward + backward: a Performer layer against a same-shape transformers Llama layer.
 
-    .venv/bin/python benchmarks/bench_layer.py            # N = 1024 ... 16384, about 6 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_layer.py --quick    # N = 1024 ... 4096
+    .venv/bin/python benchmarks/bench_layer.py [--threads T]            # N = 1024 ... 16384, ~8 minutes
+    .venv/bin/python benchmarks/bench_layer.py --quick [--threads T]    # N = 1024 ... 4096
 
 Hidden 512, 8 heads (d = 64), fp32, batch 1, inputs_embeds in, the sum of the last hidden state backpropagated:
 
@@ -15,8 +15,8 @@ Hidden 512, 8 heads (d = 64), fp32, batch 1, inputs_embeds in, the sum of the la
   128 features, GLU feed-forward with ff_mult 2), for reference; skipped above ``--max-pp`` tokens (its memory grows
   as N m d).
 
-Each cell runs in a fresh process (time: best of repeats; memory: inputs plus growth of resident memory over one
-forward + backward). Prints markdown tables and writes benchmarks/results/bench_layer.{md,json,png}.
+Each method runs in its own process, lengths in increasing order (time: best of repeats; memory: growth of resident
+memory over one forward + backward). Prints markdown tables and writes benchmarks/results/bench_layer.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -104,16 +104,17 @@ def main():
     rate = matmul_rate(opts.threads)
     results = {"machine": machine_line(opts.threads, rate), "rows": {}}
     print(results["machine"], file=sys.stderr)
-    for length in lengths:
-        row = results["rows"][length] = {}
-        for method in METHODS:
-            if method == "performer-pytorch" and length > opts.max_pp:
-                row[method] = None
-                continue
-            args = dict(method=method, length=length, threads=opts.threads, budget_s=opts.budget, max_reps=opts.reps)
-            result = run_worker(__file__, args)
-            print(f"  {method} N={length}: {result.get('min_s', result.get('error'))}", file=sys.stderr, flush=True)
-            row[method] = None if "error" in result else result
+    results["rows"] = {n: {} for n in lengths}
+    for method in METHODS:
+        cells = [{"length": n, "label": f"{method} N={n}"} for n in lengths
+                 if method != "performer-pytorch" or n <= opts.max_pp]
+        print(f"  {method}:", file=sys.stderr, flush=True)
+        measured = run_worker(__file__, dict(method=method, threads=opts.threads, budget_s=opts.budget,
+                                             max_reps=opts.reps), cells)
+        for n in lengths:
+            results["rows"][n][method] = None
+        for cell, result in zip(cells, measured):
+            results["rows"][cell["length"]][method] = result
     report = render(results, opts)
     print(report)
     RESULTS.mkdir(exist_ok=True)

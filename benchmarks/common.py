@@ -1,8 +1,9 @@
 """Shared helpers of the attention and layer benchmarks: isolated worker processes, peak memory, timing, tables.
 
-Every measurement (one method at one length) runs in its own process, so that its peak memory is its own: the
-kernel's high-water mark of resident memory is reset just before the timed call (``/proc/self/clear_refs``) and read
-after it. A process that runs out of memory costs that one cell of the table, not the run.
+Each method runs in its own process, lengths in increasing order, so that peak memory is its own: the kernel's
+high-water mark of resident memory is reset just before a forward + backward (``/proc/self/clear_refs``) and read
+after it, and glibc first returns every free page to the system (``malloc_trim``), so what an earlier length freed
+cannot be silently reused by the next. A process that dies (out of memory) costs the rest of its row.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ def peak_bytes() -> int:
     return _status("VmHWM")
 
 
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system, so a later allocation shows up as resident growth."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def tensor_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -62,6 +73,7 @@ def measure(step, *, budget_s: float = 6.0, max_reps: int = 5) -> dict:
     import gc
 
     gc.collect()
+    release_free_memory()
     before = resident_bytes()
     reset_peak()
     start = time.perf_counter()
@@ -96,26 +108,38 @@ def matmul_rate(threads: int, size: int = 2048, reps: int = 7) -> float:
 # -- workers -----------------------------------------------------------------------------------------------------
 
 
-def run_worker(script: str, args: dict, timeout: float = 900) -> dict:
-    """Run ``script --worker '<json args>'`` in a fresh process; its last stdout line is the JSON result."""
-    command = [sys.executable, script, "--worker", json.dumps(args)]
+def run_worker(script: str, common: dict, cells: list[dict], timeout: float = 1800) -> list[dict | None]:
+    """Run ``script --worker`` in a fresh process on ``cells`` (each merged into ``common``); the worker prints one
+    JSON line per cell as it finishes. Cells after a crash come back as None."""
+    command = [sys.executable, script, "--worker", json.dumps({"common": common, "cells": cells})]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-        return {"error": f"exit {done.returncode}: {tail[0][:200]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # Idle OpenMP workers that spin steal the main thread's core on a shared machine; let them sleep.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    results: list[dict | None] = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        start = time.time()
+        for line in proc.stdout:
+            result = json.loads(line)
+            results.append(result)
+            print(f"    {result.get('label', '?')}: {result.get('min_s', float('nan')):.3f} s", file=sys.stderr,
+                  flush=True)
+            if time.time() - start > timeout:
+                proc.kill()
+                break
+        error = proc.stderr.read().strip().splitlines()[-1:] if proc.wait() else []
+    if error:
+        print(f"    worker stopped: {error[0][:200]}", file=sys.stderr)
+    return results + [None] * (len(cells) - len(results))
 
 
 def worker_main(handler) -> bool:
-    """If this process is a worker, run ``handler(args)`` and print its JSON result; returns True if it was."""
+    """If this process is a worker, run ``handler(args)`` on each cell and print one JSON line per cell."""
     if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-        args = json.loads(sys.argv[2])
-        set_threads(args["threads"])
-        print(json.dumps(handler(args)))
+        payload = json.loads(sys.argv[2])
+        set_threads(payload["common"]["threads"])
+        for cell in payload["cells"]:
+            args = {**payload["common"], **cell}
+            print(json.dumps({"label": cell.get("label", ""), **handler(args)}), flush=True)
         return True
     return False
 
