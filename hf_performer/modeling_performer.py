@@ -201,6 +201,15 @@ class PerformerAttention(nn.Module):
         if key_mask is None:
             key_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
         cache = past_key_values.layer(self.layer_idx) if past_key_values is not None and self.causal else None
+        # Under mixed-precision autocast the feature maps and kernel sums must stay in float32 (exp features and
+        # running sums lose everything in bf16): the attention math runs with autocast off and handles dtypes itself.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = self._attend(q, k, v, key_mask, position_ids, cache)
+        out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, N, H*d)
+        return self.o_proj(self.dropout(out))
+
+    def _attend(self, q, k, v, key_mask, position_ids, cache) -> torch.Tensor:
+        """(B, H, N, d) attention output: global heads first, then local heads."""
         g = self.num_global_heads
         outputs = []
         if g > 0:
@@ -218,9 +227,9 @@ class PerformerAttention(nn.Module):
                     blocked=blocked,
                 ),
             ))
-        out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # (B, H, N, d)
-        out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, N, H*d)
-        return self.o_proj(self.dropout(out))
+        if len(outputs) > 1:
+            return torch.cat([o.to(v.dtype) for o in outputs], dim=1)  # (B, H, N, d)
+        return outputs[0]
 
     @staticmethod
     def _windowed(name, q, k, v, key_mask, position_ids, cache, keep, attend):

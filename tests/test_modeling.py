@@ -365,3 +365,16 @@ def test_bad_inputs_raise_clear_errors():
                                                        max_position_embeddings=16), seed=0)
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         absolute(torch.randint(3, 97, (1, 17)))
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "quadratic"])
+def test_bf16_autocast_keeps_the_kernel_math_in_float32(implementation):
+    """Under autocast only the projections run in bf16; the logits stay close to the float32 model's."""
+    model = seeded(PerformerForCausalLM, tiny_config(attention_implementation=implementation, local_attn_heads=1,
+                                                     local_window_size=4), seed=13)
+    ids = torch.randint(3, 97, (2, 40))
+    reference = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(ids).logits
+    assert torch.isfinite(mixed).all()
+    assert ((mixed.float() - reference).norm() / reference.norm()) < 0.05

@@ -239,14 +239,9 @@ def run_steps(tmp_path, model, steps=3, **args) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-BF16_CHUNKED_BUG = (
-    "ops.py chunked scan under CPU bf16 autocast: out_aug.baddbmm_ gets bf16 operands for a float32 output "
-    "('Bad in-place call'); the custom op needs autocast disabled inside (inputs upcast to float32)"
-)
 
 
-@pytest.mark.parametrize("implementation", [
-    "quadratic", pytest.param("chunked", marks=pytest.mark.xfail(reason=BF16_CHUNKED_BUG, raises=RuntimeError, strict=True))])
+@pytest.mark.parametrize("implementation", ["quadratic", "chunked"])
 def test_bf16_autocast_training(tmp_path, implementation):
     model = tiny_model(attention_implementation=implementation)
     initial = {name: tensor.clone() for name, tensor in model.named_parameters()}
