@@ -329,7 +329,15 @@ def resolve_mask(mask, is_causal: bool, q_len: int, kv_len: int) -> tuple[torch.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def performer_attention_forward(
+def performer_attention_forward(*args, **kwargs) -> tuple[torch.Tensor, None]:
+    """Kernel attention with the signature of transformers' attention functions: returns ((B, N, H, d), None).
+    Runs with autocast off: exponential features and kernel sums must stay in float32 under bf16/fp16 autocast."""
+    query = kwargs.get("query", args[1] if len(args) > 1 else None)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        return _performer_attention(*args, **kwargs)
+
+
+def _performer_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,

@@ -176,7 +176,8 @@ class KernelAttention(nn.Module):
         if self.feature_map is None:
             out = self._exact_attention(q, k, v, attention_mask, cache)
         else:
-            out = self._kernel_attention(q, k, v, attention_mask, query_mask, cache)
+            with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 features and sums
+                out = self._kernel_attention(q, k, v, attention_mask, query_mask, cache)
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)  # (B, T, H*d)
         return self.out_proj(self.dropout(out))
 

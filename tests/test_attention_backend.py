@@ -276,3 +276,20 @@ if __name__ == "__main__":
     print("model  | " + " | ".join(f"m={m:>5}" for m in counts))
     for model_name in sorted(MODELS):
         print(f"{model_name:6} | " + " | ".join(f"{e:7.4f}" for e in feature_count_errors(model_name, counts)))
+
+
+def test_bf16_autocast_through_the_backend():
+    """The host model's autocast must not push the kernel sums into bf16 (the chunked op refuses mixed dtypes)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    model.set_attn_implementation("performer")
+    ids = torch.randint(0, 64, (2, 70))
+    reference = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(ids).logits
+    assert torch.isfinite(mixed).all()
+    assert ((mixed.float() - reference).norm() / reference.norm()) < 0.05
