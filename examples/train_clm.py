@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     save_model_card(
         output_dir,
         trainer.model,
-        repo_id=push_repo,
+        repo_id=push_repo or f"your-username/{output_dir.name}",
         description="A small causal Performer language model trained with `examples/train_clm.py`.",
         dataset_id=data_args.dataset_name,
         dataset_config=data_args.dataset_config,
