@@ -2,7 +2,7 @@
 the embedded corpus (CPython's documentation topics): same shape, parameter count and token budget for every model.
 
     python benchmarks/quality_lm.py            # the default run, ~15 min on 2 CPU cores
-    python benchmarks/quality_lm.py --quick    # a smoke run, ~2 min
+    python benchmarks/quality_lm.py --quick    # a smoke run, ~2 min (results/quality_lm_quick.*)
 
 Models: a stock ``LlamaForCausalLM`` (softmax attention through SDPA) and Performers of the same shape (RMSNorm,
 SwiGLU feed-forward, rotary positions, tied embeddings): FAVOR+, FAVOR+ with half of the heads exact over a local
@@ -192,11 +192,13 @@ def parse_args(argv=None):
     parser.add_argument("--eval_tokens", type=int, default=None, help="validation bytes (default 32768; quick 8192)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in the table)")
-    parser.add_argument("--output", default=str(RESULTS / "quality_lm"), help="path prefix of .md/.json/.png")
+    parser.add_argument("--output", default=None,
+                        help="path prefix of .md/.json/.png (default results/quality_lm, quick: results/quality_lm_quick)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     args.steps = args.steps or (15 if args.quick else 120)
     args.eval_tokens = args.eval_tokens or (8192 if args.quick else 32768)
+    args.output = args.output or str(RESULTS / ("quality_lm_quick" if args.quick else "quality_lm"))
     return args
 
 
