@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -202,7 +203,8 @@ class PerformerConfig(PreTrainedConfig):
                     "use it with causal=False or pick a causal map such as 'favor+'"
                 )
             try:
-                map_class(self.head_dim, **self.feature_map_options())
+                with torch.random.fork_rng(devices=[]):  # a trial construction must not move the global RNG
+                    map_class(self.head_dim, **self.feature_map_options())
             except (TypeError, ValueError) as error:
                 raise ValueError(f"feature_map_kwargs {self.feature_map_kwargs!r} are invalid for "
                                  f"feature_map={self.feature_map!r}: {error}") from error

@@ -7,6 +7,7 @@ PerformerForSequenceClassification. The attention math lives in ``ops.py`` and `
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -172,7 +173,8 @@ class PerformerAttention(nn.Module):
         self.feature_map: FeatureMap | None = None
         if not self.is_exact and self.num_global_heads > 0:
             map_class = get_feature_map_class(config.feature_map)
-            self.feature_map = map_class(self.head_dim, **config.feature_map_options())
+            with torch.random.fork_rng(devices=[]):  # the draw below is seeded; leave the global RNG alone
+                self.feature_map = map_class(self.head_dim, **config.feature_map_options())
             self.redraw_features(feature_seed(config.feature_seed, layer_idx, 0))
 
     def redraw_features(self, seed: int) -> None:
@@ -512,6 +514,20 @@ class PerformerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.rezero_mlp)
         elif isinstance(module, PerformerModel):
             init.zeros_(module.feature_redraws)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The stock save, plus a model card (README.md with the ``custom_code`` tag and the architecture) when the
+        folder has none, so a saved folder can be pushed to the Hub as it is."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        readme = os.path.join(save_directory, "README.md")
+        if kwargs.get("is_main_process", True) and not os.path.exists(readme):
+            try:
+                from .model_card import save_model_card
+
+                save_model_card(save_directory, self)
+            except Exception as error:  # a card must never cost the user their checkpoint
+                logger.warning(f"could not write a model card to {readme}: {error}")
+        return result
 
     # -- random features -----------------------------------------------------------------------------------------
     def _attention_layers(self) -> list[PerformerAttention]:

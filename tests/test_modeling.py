@@ -378,3 +378,30 @@ def test_bf16_autocast_keeps_the_kernel_math_in_float32(implementation):
         mixed = model(ids).logits
     assert torch.isfinite(mixed).all()
     assert ((mixed.float() - reference).norm() / reference.norm()) < 0.05
+
+
+def test_building_a_config_or_model_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    config = tiny_config()
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    first = PerformerForCausalLM(config).lm_head.weight.clone()
+    torch.manual_seed(0)
+    tiny_config(feature_map="relu")
+    second = PerformerForCausalLM(config).lm_head.weight.clone()
+    assert torch.equal(first, second)
+
+
+def test_save_pretrained_writes_a_hub_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = seeded(PerformerForCausalLM, tiny_config(), seed=14)
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "custom_code" in card.data.tags
+    assert "favor+" in card.text
+    (tmp_path / "README.md").write_text("my own card")
+    model.save_pretrained(tmp_path)  # a card the user wrote is never overwritten
+    assert (tmp_path / "README.md").read_text() == "my own card"
