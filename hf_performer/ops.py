@@ -546,17 +546,26 @@ torch.library.register_autograd(_chunked_forward, _backward, setup_context=_setu
 def linear_attention(q, k, v, *, k_log_scale=None, key_mask=None, implementation: str = "auto") -> torch.Tensor:
     """Non-causal kernel attention: phi(q) (phi(k)^T v) / phi(q) (phi(k)^T 1), O((N + S) m d) time and
     O((N + S)(m + d)) memory; ``quadratic`` builds the (N, S) matrix instead (cheaper for short inputs)."""
-    k, k_log_scale = _mask_keys(k, k_log_scale, key_mask)
     impl = _resolve(implementation, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], causal=False)
     if impl == "quadratic":
+        k, k_log_scale = _mask_keys(k, k_log_scale, key_mask)
         return _quadratic_attention(q, k, v, causal=False, k_log_scale=k_log_scale, initial_state=None)[0]
     ct = _compute_dtype(q.dtype)
-    q, k, v_aug = q.to(ct), k.to(ct), _append_ones(v.to(ct))
+    v_aug = _append_ones(v.to(ct))  # (B, H, S, d+1)
+    # Key scales and the mask weigh the (S, d+1) values rather than the (S, m) keys: fewer numbers to touch.
+    weight = None
     if k_log_scale is not None:
-        shift = k_log_scale.amax(dim=-1, keepdim=True)  # (B, H, 1): one constant per row cancels
-        k = k * torch.exp(k_log_scale.to(ct) - shift).unsqueeze(-1)
-    kv = k.transpose(-1, -2) @ v_aug  # (B, H, m, d+1)
-    return _normalise(q @ kv).to(v.dtype)
+        log_scale = k_log_scale.to(ct)
+        if key_mask is not None:
+            log_scale = log_scale.masked_fill(~key_mask[:, None, :].bool(), NEG_LOG_SCALE)
+        weight = torch.exp(log_scale - log_scale.amax(dim=-1, keepdim=True))  # (B, H, S): one shift per row cancels
+    if key_mask is not None:
+        keep = key_mask[:, None, :].to(ct)  # (B, 1, S)
+        weight = keep if weight is None else weight * keep
+    if weight is not None:
+        v_aug = v_aug * weight.unsqueeze(-1)
+    kv = k.to(ct).transpose(-1, -2) @ v_aug  # (B, H, m, d+1)
+    return _normalise(q.to(ct) @ kv).to(v.dtype)
 
 
 def causal_linear_attention(

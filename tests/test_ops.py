@@ -219,6 +219,11 @@ def test_query_without_any_key_outputs_zero_with_finite_gradients(small_blocks):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
     assert torch.all(k.grad[1, :, :20] == 0)
 
+    mask[1] = False  # bidirectional: a row with no key at all
+    for implementation in ("chunked", "quadratic"):
+        out = linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, implementation=implementation)
+        assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+
 
 # -- dtypes ----------------------------------------------------------------------------------------------------
 
