@@ -579,23 +579,27 @@ def causal_linear_attention(
     chunk_size: int = 64,
     implementation: str = "auto",
 ) -> tuple[torch.Tensor, State]:
-    """Causal kernel attention; returns the output (B, H, N, d) and the state after the last token.
+    """Causal kernel attention; returns the output (B, H, N, d) and the state after the last token, from which
+    a later call (decoding) continues with ``initial_state``.
 
-    ``implementation``: ``chunked`` (O(N C (m + d) + N m d) time, O(N (m + d)) memory, forward and backward),
-    ``quadratic`` (the masked (N, N) matrix; what decoding one token uses) or ``auto`` (the cheaper one by
-    ``choose_implementation``). Gradients reach q, k, v and ``initial_state``'s kv; ``k_log_scale`` is a constant.
+    ``implementation``: ``chunked`` (O(N C (m + d) + N m d) time, O(N (m + d)) memory, forward and backward; C = 64
+    measured fastest on CPU, see benchmarks/bench_attention.py), ``quadratic`` (the masked (N, N) matrix; what
+    decoding one token uses) or ``auto`` (the cheaper of the two by ``choose_implementation``). Gradients reach q, k,
+    v and ``initial_state``'s kv; ``k_log_scale`` is treated as a constant (the feature maps detach it).
     """
     batch, heads, length, num_features = q.shape
     head_dim = v.shape[-1]
     stabilised = k_log_scale is not None
-    k, k_log_scale = _mask_keys(k, k_log_scale, key_mask)
     if initial_state is not None and stabilised != (initial_state[1] is not None):
         raise ValueError("initial_state and k_log_scale disagree on whether the features are stabilised")
-    impl = _resolve(implementation, length, length, num_features, head_dim, causal=True, chunk_size=chunk_size)
-    if impl == "quadratic" or length == 0:
-        return _quadratic_attention(q, k, v, causal=True, k_log_scale=k_log_scale, initial_state=initial_state)
     if initial_state is None:
         initial_state = empty_state(batch, heads, num_features, head_dim, stabilised, q.device)
+    if length == 0:
+        return v.new_zeros(batch, heads, 0, head_dim), initial_state
+    k, k_log_scale = _mask_keys(k, k_log_scale, key_mask)
+    impl = _resolve(implementation, length, length, num_features, head_dim, causal=True, chunk_size=chunk_size)
+    if impl == "quadratic":
+        return _quadratic_attention(q, k, v, causal=True, k_log_scale=k_log_scale, initial_state=initial_state)
     kv0, c0 = initial_state
     chunk = max(1, min(chunk_size, length))
     out, _, kv, c_end, _ = _chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), k_log_scale, kv0, c0, chunk)
