@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .feature_maps import EXACT, RandomProjectionFeatureMap, get_feature_map_class
+from .local_ops import masked_softmax_attention
 from .ops import causal_linear_attention, linear_attention
 
 
@@ -210,14 +211,7 @@ class KernelAttention(nn.Module):
                 key_mask = torch.cat([cache["key_mask"], key_mask], dim=1)
             cache["keys"], cache["values"], cache["key_mask"] = k, v, key_mask
             cache["seen_tokens"] = cache.get("seen_tokens", 0) + length
-        total = k.shape[2]
-        allowed = key_mask[:, None, None, :].expand(batch, 1, length, total)  # (B, 1, T, S)
-        if self.causal:
-            future = torch.ones(length, total, dtype=torch.bool, device=q.device).triu(total - length + 1)
-            allowed = allowed & ~future
-        has_key = allowed.any(dim=-1, keepdim=True)  # a query with nothing to attend to outputs 0
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=self.scale)
-        return out * has_key.to(out.dtype)
+        return masked_softmax_attention(q, k, v, key_mask=key_mask, causal=self.causal, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, feature_map={self.feature_map_name!r}, "

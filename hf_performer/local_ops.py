@@ -158,3 +158,18 @@ def windowed_kernel_attention(
     numerator, normaliser = out_aug[..., :-1], out_aug[..., -1:]
     out = numerator / torch.where(normaliser.abs() > 1e-30, normaliser, torch.ones_like(normaliser))
     return out.flatten(2, 3)[:, :, :length].to(v.dtype)
+
+
+def masked_softmax_attention(q, k, v, *, key_mask: torch.Tensor, causal: bool, scale: float | None = None):
+    """Exact softmax attention of N queries over S >= N keys (the last N are the queries' own), through
+    ``scaled_dot_product_attention``; padded keys are masked and a query with no key to see outputs 0.
+    q (B, H, N, d); k, v (B, H, S, d); key_mask (B, S) bool."""
+    batch, _, length, _ = q.shape
+    total = k.shape[2]
+    allowed = key_mask[:, None, None, :].expand(batch, 1, length, total)  # (B, 1, N, S)
+    if causal:
+        future = torch.ones(length, total, dtype=torch.bool, device=q.device).triu(total - length + 1)
+        allowed = allowed & ~future
+    has_key = allowed.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key, scale=scale)
+    return out * has_key.to(out.dtype)

@@ -26,7 +26,12 @@ from transformers.utils import can_return_tuple, logging
 from .cache_performer import PerformerCache
 from .configuration_performer import PerformerConfig
 from .feature_maps import EXACT, FeatureMap, RandomProjectionFeatureMap, get_feature_map_class
-from .local_ops import sliding_window_attention, window_reach, windowed_kernel_attention
+from .local_ops import (
+    masked_softmax_attention,
+    sliding_window_attention,
+    window_reach,
+    windowed_kernel_attention,
+)
 from .ops import causal_linear_attention, linear_attention
 
 logger = logging.get_logger(__name__)
@@ -329,7 +334,6 @@ class PerformerAttention(nn.Module):
 
     def _exact_attention(self, q, k, v, key_mask, cache):
         """Plain softmax attention, for A/B comparisons against the kernel that approximates it."""
-        batch, _, length, _ = q.shape
         if cache is not None:
             if cache.get("keys") is not None:
                 k = torch.cat([cache.get("keys"), k], dim=2)
@@ -338,14 +342,7 @@ class PerformerAttention(nn.Module):
             cache.set("keys", k)
             cache.set("values", v)
             cache.set("key_mask", key_mask)
-        total = k.shape[2]
-        allowed = key_mask[:, None, None, :].expand(batch, 1, length, total)  # (B, 1, N, S)
-        if self.causal:
-            future = torch.ones(length, total, dtype=torch.bool, device=q.device).triu(total - length + 1)
-            allowed = allowed & ~future
-        has_key = allowed.any(dim=-1, keepdim=True)  # a query with nothing to attend to outputs 0
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_key)
-        return out * has_key.to(out.dtype)
+        return masked_softmax_attention(q, k, v, key_mask=key_mask, causal=self.causal)
 
 
 # ----------------------------------------------------------------------------------------------------------------
