@@ -32,7 +32,7 @@ from .local_ops import (
     window_reach,
     windowed_kernel_attention,
 )
-from .ops import causal_linear_attention, linear_attention
+from .ops import causal_exp_attention, causal_linear_attention, linear_attention
 
 logger = logging.get_logger(__name__)
 
@@ -263,6 +263,12 @@ class PerformerAttention(nn.Module):
             # TF KernelAttention: temperature grows with log(length) to keep the attention entropy steady.
             count = key_mask.sum(-1).clamp_min(2).float()  # (B,)
             scale = scale * (torch.log(count) / math.log(512)).sqrt().view(-1, 1, 1, 1)
+        fused = self.feature_map.fused_feature_args() if hasattr(self.feature_map, "fused_feature_args") else None
+        if fused is not None and self.causal and not config.use_causal_windowed:
+            out = self._fused_causal_attention(q, k, v, scale, fused, key_mask, cache)
+            if config.begin_kernel > 0:
+                out = self._begin_with_softmax(q, k, v, out, key_mask, position_ids, cache)
+            return out
         # masks go in because some maps (favor++, softmax_no_projection) take statistics over the real tokens
         q_features, k_features, k_log_scale = self.feature_map.attention_features(
             q * scale, k * scale, key_mask=key_mask, query_mask=key_mask, causal=self.causal
@@ -285,6 +291,24 @@ class PerformerAttention(nn.Module):
                 cache.set("log_scale", log_scale)
         if config.begin_kernel > 0:
             out = self._begin_with_softmax(q, k, v, out, key_mask, position_ids, cache)
+        return out
+
+    def _fused_causal_attention(self, q, k, v, scale, fused, key_mask, cache):
+        """FAVOR+ and its relatives: features computed inside the chunked op (``ops.causal_exp_attention``), the
+        scale folded into the projection, exp(s x P^T - a s^2 |x|^2 + b)."""
+        state = None
+        if cache is not None and cache.get("kv") is not None:
+            state = (cache.get("kv"), cache.get("log_scale"))
+        if torch.is_tensor(scale):  # scale_by_length: one scale per batch row
+            q, k, scale = q * scale, k * scale, 1.0
+        out, (kv, log_scale) = causal_exp_attention(
+            q, k, v, fused["projection"] * scale, norm_coef=fused["norm_coef"] * scale**2,
+            logit_offset=fused["logit_offset"], key_mask=key_mask, initial_state=state, chunk_size=self.chunk_size,
+            implementation=self.config.attention_implementation,
+        )
+        if cache is not None:
+            cache.set("kv", kv)
+            cache.set("log_scale", log_scale)
         return out
 
     def _causal_windowed(self, q_features, k_features, k_log_scale, v, key_mask, position_ids, cache):

@@ -90,6 +90,79 @@ def empty_state(batch: int, heads: int, num_features: int, head_dim: int, stabil
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Exponential features of a projection, computed where they are used
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def exp_projection_features(x: Tensor, projection: Tensor, norm_coef: float, offset: float) -> tuple[Tensor, Tensor]:
+    """Stabilised features of logits = x P^T - a |x|^2 + b (FAVOR+ and its relatives, arXiv 2009.14794 Lemma 1):
+    x (..., d), P (m, d) -> exp(x P^T - max_j (x P^T)_j) (R, m) and log_scale = max_j (x P^T)_j - a |x|^2 + b (R,),
+    R = x[..., 0].numel(), so that features * exp(log_scale) = exp(logits). Three passes, no autograd."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, d)
+    logits = rows @ projection.t()  # (R, m)
+    row_max = logits.amax(dim=-1, keepdim=True)  # (R, 1)
+    features = logits.sub_(row_max).exp_()  # (R, m), in place: the logits are not needed again
+    log_scale = row_max.squeeze(-1) + offset  # (R,)
+    if norm_coef:
+        log_scale = log_scale - norm_coef * rows.square().sum(dim=-1)
+    return features, log_scale
+
+
+def exp_projection_backward(grad_features: Tensor, features: Tensor, x: Tensor, projection: Tensor,
+                            norm_coef: float) -> Tensor:
+    """Gradient w.r.t. x of exp(logits - sg(log_scale)) (the log scale is a constant, see ``FeatureMap``):
+    dx = (G * f) P - 2 a x sum_j (G * f)_j; shapes as ``exp_projection_features``, result (R, d)."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, d)
+    features = features.reshape(rows.shape[0], -1)  # (R, m)
+    grad_logits = grad_features.reshape(features.shape) * features  # (R, m)
+    grad_rows = grad_logits @ projection  # (R, d)
+    if norm_coef:
+        grad_rows.addcmul_(rows, grad_logits.sum(dim=-1, keepdim=True), value=-2.0 * norm_coef)
+    return grad_rows
+
+
+class ExpProjectionFeatures(torch.autograd.Function):
+    """``exp_projection_features`` with its gradient, as one autograd node: composing the same from torch ops takes
+    ~10 passes over the (R, m) features and their gradient, this takes 3 forward and 3 backward."""
+
+    @staticmethod
+    def forward(ctx, x, projection, norm_coef: float, offset: float):
+        features, log_scale = exp_projection_features(x, projection, norm_coef, offset)
+        ctx.save_for_backward(x, features, projection)
+        ctx.norm_coef = norm_coef
+        ctx.mark_non_differentiable(log_scale)
+        return features.view(*x.shape[:-1], -1), log_scale.view(x.shape[:-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_features, grad_log_scale):
+        x, features, projection = ctx.saved_tensors
+        grad_x = exp_projection_backward(grad_features, features, x, projection, ctx.norm_coef)
+        return grad_x.view(x.shape), None, None, None
+
+
+class _Features:
+    """What the chunked op needs to compute exp-projection features block by block (``causal_exp_attention``):
+    P (m, d), a, b, and which keys are real ((G, Np) bool, padding of the last chunk included)."""
+
+    def __init__(self, projection: Tensor, norm_coef: float, offset: float, keep: Tensor):
+        self.projection, self.norm_coef, self.offset, self.keep = projection, norm_coef, offset, keep
+
+    def queries(self, x: Tensor) -> Tensor:
+        return exp_projection_features(x, self.projection, self.norm_coef, self.offset)[0]
+
+    def keys(self, x: Tensor, heads: slice, start: int, end: int) -> tuple[Tensor, Tensor]:
+        """Masked key features (R, m) and log scales (hb, T), NEG_LOG_SCALE at masked keys."""
+        features, log_scale = exp_projection_features(x, self.projection, self.norm_coef, self.offset)
+        keep = self.keep[heads, start:end]  # (hb, T)
+        features.mul_(keep.reshape(-1, 1))
+        return features, log_scale.view(keep.shape).masked_fill_(~keep, NEG_LOG_SCALE)
+
+    def backward(self, grad_features: Tensor, features: Tensor, x: Tensor) -> Tensor:
+        return exp_projection_backward(grad_features, features, x, self.projection, self.norm_coef)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -221,12 +294,26 @@ class _Block:
       ``row_scale = exp(cp_i - c_t)`` <= 1. Nothing can overflow or lose range, whatever the log scales do.
     """
 
-    def __init__(self, q, k, v, log_scale, c, c_start, heads: slice, start: int, end: int, chunk: int, ct):
+    def __init__(self, q, k, v, log_scale, c, c_start, heads: slice, start: int, end: int, chunk: int, ct,
+                 features: _Features | None = None, fill_running_max: bool = False):
+        """With ``features``, q and k are (G, Np, d) inputs of the feature map: their features are computed here,
+        the keys' log scales written to ``log_scale`` (and, with ``fill_running_max``, the running max to ``c``)."""
         hb, nb = heads.stop - heads.start, (end - start) // chunk
         x = hb * nb
         self.hb, self.nb, self.chunk = hb, nb, chunk
-        self.q = q[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m), a view for fp32 inputs
-        self.k = k[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m)
+        self.features = features
+        if features is None:
+            self.q = q[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m), a view for fp32 inputs
+            self.k = k[heads, start:end].to(ct).reshape(x, chunk, -1)  # (X, C, m)
+        else:
+            self.q_in, self.k_in = q[heads, start:end].to(ct), k[heads, start:end].to(ct)  # (hb, T, d)
+            self.q = features.queries(self.q_in).view(x, chunk, -1)  # (X, C, m)
+            k_features, key_log_scale = features.keys(self.k_in, heads, start, end)  # (hb*T, m), (hb, T)
+            self.k = k_features.view(x, chunk, -1)  # (X, C, m)
+            log_scale[heads, start:end] = key_log_scale
+            if fill_running_max:
+                running = torch.cummax(key_log_scale, dim=-1).values  # (hb, T)
+                c[heads, start:end] = torch.maximum(running, c_start[heads].unsqueeze(-1))
         v_aug = _append_ones(v[heads, start:end].to(ct)).view(x, chunk, -1)  # (X, C, d+1)
         self.values = self.state_values = v_aug  # (X, C, d+1) of the intra-chunk product / of the state
         self.value_scale = self.state_scale = None  # (X, C, 1): what values / state_values carry beyond v_aug
@@ -340,13 +427,34 @@ def _blocks(groups: int, length: int, chunk: int):
             yield slice(g0, min(groups, g0 + hb)), index, start, min(length, start + tokens)
 
 
-def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
-    batch, heads, length, m = q.shape
+def _feature_inputs(projection, key_keep, norm_coef, offset, groups, heads, length, padded, ct, device):
+    """(_Features or None, log_scale and running-max buffers (G, Np)) for the fused-feature path."""
+    if projection is None:
+        return None, None, None
+    keep = torch.zeros(groups, padded, dtype=torch.bool, device=device)
+    if key_keep is None:
+        keep[:, :length] = True
+    else:  # (B, N) -> every head of its batch row
+        keep[:, :length] = key_keep.to(torch.bool).repeat_interleave(heads, dim=0)
+    features = _Features(projection.to(ct), norm_coef, offset, keep)
+    log_scale = torch.empty(groups, padded, dtype=ct, device=device)
+    return features, log_scale, torch.empty(groups, padded, dtype=ct, device=device)
+
+
+def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk, projection=None, key_keep=None, norm_coef=0.0,
+                          offset=0.0):
+    batch, heads, length, m_in = q.shape
     d = v.shape[-1]
+    m = m_in if projection is None else projection.shape[0]
     ct = _compute_dtype(q.dtype)
     q3, k3, v3, l3 = _flatten_inputs(q, k, v, log_scale, chunk)
     g, padded = q3.shape[:2]
-    log_scale, c, c0 = _running_max(l3, None if c0 is None else c0.reshape(g), ct)
+    features, l_fused, c_fused = _feature_inputs(projection, key_keep, norm_coef, offset, g, heads, length, padded,
+                                                  ct, q.device)
+    if features is None:
+        log_scale, c, c0 = _running_max(l3, None if c0 is None else c0.reshape(g), ct)
+    else:  # log scales and their running max are filled in block by block
+        log_scale, c, c0 = l_fused, c_fused, c0.reshape(g).to(ct)
     out = torch.empty(g, padded, d, dtype=v.dtype, device=v.device)
     normaliser = torch.empty(g, padded, dtype=ct, device=v.device)
     tokens = _block_layout(g, padded, chunk)[1]
@@ -357,7 +465,7 @@ def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
         if start == 0:
             state = kv0[heads_]  # (hb, m, d+1), at scale c_start
         c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
-        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct)
+        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct, features, True)
         block_states[heads_, index] = state
         entering, state = blk.scan(blk.chunk_kv(), state)  # (X, m, d+1), (hb, m, d+1)
         out_aug = blk.q @ entering  # (X, C, d+1): what earlier chunks contribute
@@ -374,18 +482,22 @@ def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
     c_end = c[:, -1] if c is not None else q.new_zeros(g, dtype=ct)
     if padded != length:
         out, normaliser = out[:, :length].contiguous(), normaliser[:, :length].contiguous()
+    running_max = q.new_empty(0, dtype=ct) if c_fused is None else c_fused.view(batch, heads, padded)
     return (
         out.view(batch, heads, length, d),
         normaliser.view(batch, heads, length),
         kv_end.view(batch, heads, m, d + 1),
         c_end.reshape(batch, heads).clone(),
         block_states.view(batch, heads, -1, m, d + 1),
+        running_max,
     )
 
 
-def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk):
-    batch, heads, length, m = q.shape
+def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk,
+                           projection=None, key_keep=None, norm_coef=0.0, offset=0.0, running_max=None):
+    batch, heads, length, m_in = q.shape
     d = v.shape[-1]
+    m = block_states.shape[-2]
     ct = _compute_dtype(q.dtype)
     q3, k3, v3, l3 = _flatten_inputs(q, k, v, log_scale, chunk)
     g, padded = q3.shape[:2]
@@ -394,10 +506,15 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
     z3 = normaliser.reshape(g, length)
     if pad:
         dy3, y3, z3 = F.pad(dy3, (0, 0, 0, pad)), F.pad(y3, (0, 0, 0, pad)), F.pad(z3, (0, pad))
-    log_scale, c, c0 = _running_max(l3, None if c0 is None else c0.reshape(g), ct)
+    features, l_fused, _ = _feature_inputs(projection, key_keep, norm_coef, offset, g, heads, length, padded, ct,
+                                           q.device)
+    if features is None:
+        log_scale, c, c0 = _running_max(l3, None if c0 is None else c0.reshape(g), ct)
+    else:
+        log_scale, c, c0 = l_fused, running_max.reshape(g, padded), c0.reshape(g).to(ct)
     states = block_states.reshape(g, -1, m, d + 1)
-    dq = torch.empty(g, padded, m, dtype=q.dtype, device=q.device)
-    dk = torch.empty(g, padded, m, dtype=k.dtype, device=k.device)
+    dq = torch.empty(g, padded, m_in, dtype=q.dtype, device=q.device)
+    dk = torch.empty(g, padded, m_in, dtype=k.dtype, device=k.device)
     dv = torch.empty(g, padded, d, dtype=v.dtype, device=v.device)
     d_kv0 = torch.empty(g, m, d + 1, dtype=ct, device=q.device)
     grad_kv = grad_kv.reshape(g, m, d + 1).to(ct)
@@ -405,7 +522,7 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
         if end == padded:
             d_state = grad_kv[heads_]  # gradient w.r.t. the state leaving this block, (hb, m, d+1)
         c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
-        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct)
+        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct, features)
         x = blk.hb * blk.nb
         dy, y = dy3[heads_, start:end].to(ct).reshape(x, chunk, d), y3[heads_, start:end].to(ct).reshape(x, chunk, d)
         z = z3[heads_, start:end].reshape(x, chunk, 1)
@@ -420,11 +537,16 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
         d_entering = blk.q.transpose(-1, -2) @ d_out_scaled  # (X, m, d+1)
         d_kv, d_state = blk.scan_backward(d_entering, d_state)  # (X, m, d+1), (hb, m, d+1)
 
-        # Each gradient is accumulated in place in its slice of the output (fp32 inputs) or in an fp32 scratch.
-        d_q = _workspace(dq[heads_, start:end].view(x, chunk, m), ct)
+        # Each gradient is accumulated in place in its slice of the output (fp32 inputs) or in an fp32 scratch;
+        # with fused features, the gradients w.r.t. the features go back through the feature map first.
+        fused = features is not None
+        d_q = _workspace(dq[heads_, start:end].view(x, chunk, -1), ct, fused, m)
         torch.bmm(d_out_scaled, entering.transpose(-1, -2), out=d_q).baddbmm_(d_scores, blk.k)
-        d_k = _workspace(dk[heads_, start:end].view(x, chunk, m), ct)
+        d_k = _workspace(dk[heads_, start:end].view(x, chunk, -1), ct, fused, m)
         torch.bmm(blk.state_values, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
+        if fused:
+            d_q = features.backward(d_q, blk.q, blk.q_in)  # (hb*T, d)
+            d_k = features.backward(d_k, blk.k, blk.k_in)
         d_v = _workspace(dv[heads_, start:end].view(x, chunk, d), ct)
         torch.bmm(blk.scores().transpose(-1, -2), d_out[..., :d], out=d_v)  # through this chunk's product
         if blk.value_scale is not None:
@@ -447,9 +569,12 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
     )
 
 
-def _workspace(dst: Tensor, ct: torch.dtype) -> Tensor:
-    """``dst`` itself when it can hold fp32 accumulation, else an fp32 scratch of its shape."""
-    return dst if dst.dtype == ct and dst.is_contiguous() else torch.empty(dst.shape, dtype=ct, device=dst.device)
+def _workspace(dst: Tensor, ct: torch.dtype, scratch: bool = False, width: int | None = None) -> Tensor:
+    """``dst`` itself when it can hold fp32 accumulation, else an fp32 scratch of its shape (last dim ``width``)."""
+    if not scratch and dst.dtype == ct and dst.is_contiguous():
+        return dst
+    shape = dst.shape if width is None else (*dst.shape[:-1], width)
+    return torch.empty(shape, dtype=ct, device=dst.device)
 
 
 def _write_back(dst: Tensor, block: Tensor) -> None:
@@ -470,24 +595,33 @@ def _chunked_forward(
     kv0: Tensor,
     c0: Optional[Tensor],
     chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out, normaliser, kv_end, c_end, block_states); opaque to torch.compile, so its Python loop is not unrolled."""
-    return _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk_size)
+    projection: Optional[Tensor],
+    key_keep: Optional[Tensor],
+    norm_coef: float,
+    offset: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, normaliser, kv_end, c_end, block_states, running_max); opaque to torch.compile, so its Python loop is
+    not unrolled. With ``projection``, q and k are the feature map's inputs (see ``causal_exp_attention``)."""
+    return _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk_size, projection, key_keep, norm_coef, offset)
 
 
 @_chunked_forward.register_fake
-def _(q, k, v, log_scale, kv0, c0, chunk_size):
+def _(q, k, v, log_scale, kv0, c0, chunk_size, projection, key_keep, norm_coef, offset):
     batch, heads, length, m = q.shape
+    if projection is not None:
+        m = projection.shape[0]
     d = v.shape[-1]
     ct = _compute_dtype(q.dtype)
     padded = length + (-length % chunk_size)
     n_blocks = -(-padded // _block_layout(batch * heads, padded, chunk_size)[1])
+    running_max = q.new_empty(0, dtype=ct) if projection is None else q.new_empty(batch, heads, padded, dtype=ct)
     return (
         v.new_empty(batch, heads, length, d),
         q.new_empty(batch, heads, length, dtype=ct),
         q.new_empty(batch, heads, m, d + 1, dtype=ct),
         q.new_empty(batch, heads, dtype=ct),
         q.new_empty(batch, heads, n_blocks, m, d + 1, dtype=ct),
+        running_max,
     )
 
 
@@ -504,35 +638,43 @@ def _chunked_backward(
     normaliser: Tensor,
     block_states: Tensor,
     chunk_size: int,
+    projection: Optional[Tensor],
+    key_keep: Optional[Tensor],
+    norm_coef: float,
+    offset: float,
+    running_max: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d_kv0), recomputing every per-chunk quantity block by block, last block first."""
-    return _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size)
+    return _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size,
+                                  projection, key_keep, norm_coef, offset, running_max)
 
 
 @_chunked_backward.register_fake
-def _(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size):
+def _(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk_size, projection, key_keep,
+      norm_coef, offset, running_max):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(grad_kv)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_scale, kv0, c0, chunk_size = inputs
-    out, normaliser, _, _, block_states = output
-    ctx.save_for_backward(q, k, v, log_scale, c0, out, normaliser, block_states)
-    ctx.chunk_size = chunk_size
+    q, k, v, log_scale, kv0, c0, chunk_size, projection, key_keep, norm_coef, offset = inputs
+    out, normaliser, _, _, block_states, running_max = output
+    ctx.save_for_backward(q, k, v, log_scale, c0, out, normaliser, block_states, projection, key_keep, running_max)
+    ctx.chunk_size, ctx.norm_coef, ctx.offset = chunk_size, norm_coef, offset
     ctx.kv0_dtype = kv0.dtype
 
 
-def _backward(ctx, grad_out, grad_normaliser, grad_kv, grad_c, grad_states):
-    q, k, v, log_scale, c0, out, normaliser, block_states = ctx.saved_tensors
-    batch, heads, _, m = q.shape
+def _backward(ctx, grad_out, grad_normaliser, grad_kv, grad_c, grad_states, grad_running_max):
+    q, k, v, log_scale, c0, out, normaliser, block_states, projection, key_keep, running_max = ctx.saved_tensors
+    batch, heads = q.shape[:2]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_kv is None:
-        grad_kv = q.new_zeros(batch, heads, m, v.shape[-1] + 1, dtype=block_states.dtype)
+        grad_kv = q.new_zeros(batch, heads, *block_states.shape[-2:], dtype=block_states.dtype)
     dq, dk, dv, dkv0 = _chunked_backward(
-        grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, ctx.chunk_size
+        grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, ctx.chunk_size, projection,
+        key_keep, ctx.norm_coef, ctx.offset, running_max,
     )
-    return dq, dk, dv, None, dkv0.to(ctx.kv0_dtype), None, None
+    return dq, dk, dv, None, dkv0.to(ctx.kv0_dtype), None, None, None, None, None, None
 
 
 torch.library.register_autograd(_chunked_forward, _backward, setup_context=_setup_context)
@@ -602,5 +744,49 @@ def causal_linear_attention(
         return _quadratic_attention(q, k, v, causal=True, k_log_scale=k_log_scale, initial_state=initial_state)
     kv0, c0 = initial_state
     chunk = max(1, min(chunk_size, length))
-    out, _, kv, c_end, _ = _chunked_forward(q.contiguous(), k.contiguous(), v.contiguous(), k_log_scale, kv0, c0, chunk)
+    out, _, kv, c_end, _, _ = _chunked_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), k_log_scale, kv0, c0, chunk, None, None, 0.0, 0.0
+    )
     return out, (kv, c_end if stabilised else None)
+
+
+def causal_exp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    norm_coef: float,
+    logit_offset: float,
+    key_mask: torch.Tensor | None = None,
+    initial_state: State | None = None,
+    chunk_size: int = 64,
+    implementation: str = "auto",
+) -> tuple[torch.Tensor, State]:
+    """``causal_linear_attention`` on the features phi(x) = exp(x P^T - a |x|^2 + b) of q and k (B, H, N, d)
+    (FAVOR+: a = 1/2, b = -log(m)/2), with ``projection`` P (m, d) a constant. Same result and state; but the chunked
+    path computes the features inside its blocks, forward and backward, so no (B, H, N, m) feature tensor (nor its
+    gradient) is ever allocated: on CPU that saves more time than the features' own matmuls cost."""
+    if projection.requires_grad:
+        raise ValueError("causal_exp_attention treats the projection as a constant; it got one that requires grad")
+    length = q.shape[-2]
+    impl = _resolve(implementation, length, length, projection.shape[0], v.shape[-1], causal=True,
+                    chunk_size=chunk_size)
+    ct = _compute_dtype(q.dtype)
+    if impl == "quadratic" or length == 0:
+        q_features, _ = ExpProjectionFeatures.apply(q.to(ct), projection.to(ct), norm_coef, logit_offset)
+        k_features, k_log_scale = ExpProjectionFeatures.apply(k.to(ct), projection.to(ct), norm_coef, logit_offset)
+        return causal_linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
+                                       initial_state=initial_state, chunk_size=chunk_size, implementation=impl)
+    batch, heads = q.shape[:2]
+    if initial_state is None:
+        initial_state = empty_state(batch, heads, projection.shape[0], v.shape[-1], True, q.device)
+    kv0, c0 = initial_state
+    if c0 is None:
+        raise ValueError("initial_state has no log scale, but exponential features need one")
+    chunk = max(1, min(chunk_size, length))
+    out, _, kv, c_end, _, _ = _chunked_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), None, kv0, c0, chunk, projection.detach(), key_mask,
+        float(norm_coef), float(logit_offset),
+    )
+    return out, (kv, c_end)

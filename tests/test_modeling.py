@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import hf_performer
 from hf_performer import PerformerConfig, PerformerForCausalLM, PerformerForSequenceClassification, PerformerModel
+from hf_performer import modeling_performer, ops
 from hf_performer.feature_maps import FavorPlusFeatureMap
 
 from conftest import tiny_config
@@ -405,3 +406,38 @@ def test_save_pretrained_writes_a_hub_model_card(tmp_path):
     (tmp_path / "README.md").write_text("my own card")
     model.save_pretrained(tmp_path)  # a card the user wrote is never overwritten
     assert (tmp_path / "README.md").read_text() == "my own card"
+
+
+@pytest.mark.parametrize("feature_map", ["favor+", "hyperbolic", "expmod"])
+def test_features_inside_the_op_match_the_feature_map_path(make_config, monkeypatch, feature_map):
+    """Causal FAVOR+-type layers compute their features inside the chunked op; the model's logits and gradients
+    equal those of the plain path (feature map, then causal_linear_attention), with left padding and a ragged
+    last chunk, and with begin_kernel replacing the first outputs."""
+    from hf_performer import PerformerForCausalLM
+    from hf_performer.feature_maps import ExpProjectionFeatureMap
+
+    for extra in ({}, {"begin_kernel": 3}):
+        torch.manual_seed(0)
+        model = PerformerForCausalLM(make_config(feature_map=feature_map, **extra))
+        ids = torch.randint(3, 97, (2, 29), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :6] = 0
+
+        def run():
+            model.zero_grad()
+            out = model(ids, attention_mask=mask, labels=ids, use_cache=False)
+            out.loss.backward()
+            return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+        calls = []
+        original = ops.causal_exp_attention
+        monkeypatch.setattr(modeling_performer, "causal_exp_attention",
+                            lambda *a, **k: calls.append(1) or original(*a, **k))
+        fused_logits, fused_grads = run()
+        assert calls, "the fused path was not taken"
+        monkeypatch.setattr(ExpProjectionFeatureMap, "fused_feature_args", lambda self: None)
+        plain_logits, plain_grads = run()
+        monkeypatch.undo()
+        torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-5)
+        for got, want in zip(fused_grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -290,6 +290,128 @@ def test_no_tensor_of_size_n_m_d_is_ever_built():
     assert sum(extra) <= out.numel() + inputs // 2  # out, normaliser, a few block states
 
 
+# -- exponential features computed inside the op (causal_exp_attention) -----------------------------------------
+
+
+def favor_inputs(batch=2, heads=2, length=37, d=5, m=7, *, spread=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    projection = torch.randn(m, d, generator=g, dtype=torch.float64)
+    return q * spread, k * spread, v, projection
+
+
+def plain_favor(x, projection, norm_coef, offset):
+    """exp(x P^T - a |x|^2 + b), unstabilised, straight from the definition (arXiv 2009.14794, Lemma 1)."""
+    return torch.exp(x @ projection.T - norm_coef * (x * x).sum(-1, keepdim=True) + offset)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "quadratic"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("spread,norm_coef", [(0.7, 0.5), (2.5, 0.5), (1.0, 0.0)])
+def test_exp_features_inside_the_op_match_naive(small_blocks, implementation, masked, spread, norm_coef):
+    """Values and gradients w.r.t. q, k, v against the naive float64 attention on features computed from their
+    definition; spread 2.5 gives logits far apart (running maxima that jump), norm_coef 0 is TF's expmod form."""
+    q, k, v, projection = favor_inputs(spread=spread)
+    mask = key_mask(2, 37) if masked else None
+    weight = torch.randn(2, 2, 37, 5, dtype=torch.float64)
+    ref, ref_grads = grads(
+        lambda q, k, v: naive_kernel_attention(
+            plain_favor(q, projection, norm_coef, -0.3), plain_favor(k, projection, norm_coef, -0.3), v,
+            causal=True, key_mask=mask,
+        ),
+        (q, k, v), weight,
+    )
+    out, out_grads = grads(
+        lambda q, k, v: ops.causal_exp_attention(
+            q, k, v, projection, norm_coef=norm_coef, logit_offset=-0.3, key_mask=mask, chunk_size=8,
+            implementation=implementation,
+        )[0],
+        (q, k, v), weight,
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    for got, want in zip(out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_exp_features_inside_the_op_same_state_as_outside(small_blocks):
+    """The fused op and causal_linear_attention on ExpProjectionFeatures return the same output and state, and a
+    prefix's state continued by the other path gives the one-pass result: the cache may mix them (prefill chunked,
+    decoding quadratic)."""
+    q, k, v, projection = favor_inputs(length=45)
+    mask = key_mask(2, 45)
+    args = dict(norm_coef=0.5, logit_offset=-0.7)
+    fused, (kv, c) = ops.causal_exp_attention(q, k, v, projection, key_mask=mask, chunk_size=8,
+                                              implementation="chunked", **args)
+    qf, _ = ops.ExpProjectionFeatures.apply(q, projection, 0.5, -0.7)
+    kf, log_scale = ops.ExpProjectionFeatures.apply(k, projection, 0.5, -0.7)
+    plain, (kv2, c2) = causal_linear_attention(qf, kf, v, k_log_scale=log_scale, key_mask=mask, chunk_size=8,
+                                               implementation="chunked")
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kv, kv2, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(c, c2, rtol=0, atol=0)
+    head, state = ops.causal_exp_attention(q[:, :, :30], k[:, :, :30], v[:, :, :30], projection,
+                                           key_mask=mask[:, :30], chunk_size=8, implementation="chunked", **args)
+    tail = torch.cat([
+        ops.causal_exp_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], projection,
+                                 key_mask=mask[:, t:t + 1], initial_state=state, **args)[0]
+        for t in range(30, 31)
+    ], dim=2)
+    torch.testing.assert_close(torch.cat([head, tail], dim=2), fused[:, :, :31], rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_exp_features_inside_the_op(monkeypatch):
+    monkeypatch.setattr(ops, "BLOCK_TOKENS", 6)
+    q, k, v, projection = favor_inputs(batch=1, heads=1, length=11, d=3, m=4)
+    kv0 = torch.rand(1, 1, 4, 4, dtype=torch.float64)
+    c0 = torch.randn(1, 1, dtype=torch.float64)
+    mask = torch.tensor([[False, True, True, True, False, True, True, True, True, True, True]])
+
+    def fn(q, k, v, kv0):
+        # The leaving state is checked through a continuation: kv is at scale exp(-c_end), and c_end (the running
+        # max of the keys' log scales) moves with k, a constant for autograd as everywhere (it cancels in outputs).
+        args = dict(norm_coef=0.5, logit_offset=0.1, chunk_size=3, implementation="chunked")
+        out, state = ops.causal_exp_attention(q[..., :8, :], k[..., :8, :], v[..., :8, :], projection,
+                                              key_mask=mask[:, :8], initial_state=(kv0, c0), **args)
+        rest, _ = ops.causal_exp_attention(q[..., 8:, :], k[..., 8:, :], v[..., 8:, :], projection,
+                                           key_mask=mask[:, 8:], initial_state=state, **args)
+        return out, rest
+
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in (q, k, v, kv0)])
+
+
+def test_gradcheck_exp_projection_features():
+    """The fused feature node's gradient is that of exp(logits - sg(log_scale)): check it through a product
+    with exp(log_scale) (which then restores exp(logits) and its full gradient)."""
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    projection = torch.randn(4, 3, dtype=torch.float64)
+
+    def fn(x):
+        features, log_scale = ops.ExpProjectionFeatures.apply(x, projection, 0.5, -0.2)
+        return features * log_scale.exp().unsqueeze(-1)
+
+    assert torch.autograd.gradcheck(fn, [x])
+    torch.testing.assert_close(fn(x), plain_favor(x, projection, 0.5, -0.2))
+
+
+def test_exp_features_inside_the_op_keep_no_feature_tensor():
+    """Autograd keeps q, k, v, the output and (B, H, N)-sized extras: no (N, m) feature tensor, unlike the
+    unfused path (features and their log scales)."""
+    batch, heads, length, d, m = 1, 2, 1024, 16, 64
+    q, k, v, projection = favor_inputs(batch, heads, length, d, m)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    extra = []
+
+    def pack(t):
+        if not any(t.data_ptr() == x.data_ptr() for x in (q, k, v)):
+            extra.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = ops.causal_exp_attention(q, k, v, projection.float(), norm_coef=0.5, logit_offset=0.0,
+                                          implementation="chunked")
+    assert max(extra) <= out.numel() < batch * heads * length * m
+
+
 # -- torch.compile ---------------------------------------------------------------------------------------------
 
 
