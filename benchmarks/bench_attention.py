@@ -9,7 +9,9 @@ memory over one forward + backward). Exact attention stops at N = 16384 causal /
 time). Compared:
 
 * ``ours``: ``ops.causal_linear_attention`` (chunked) / ``ops.linear_attention`` on FAVOR+ features with per-token
-  key scales, as the model calls them (the feature map itself is not timed here; ``bench_layer.py`` times it);
+  key scales (the feature map itself is not timed: this is the kernel the useful FLOPs measure);
+* ``ours+features`` (causal): ``ops.causal_exp_attention``, what a causal FAVOR+ layer runs: the features are
+  computed inside the chunked op from q and k (B, H, N, d), forward and backward, and are timed;
 * ``sdpa``: exact ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, N, d) queries, keys and values;
 * ``performer-pytorch``: its pure-PyTorch causal function ``causal_linear_attention_noncuda`` (what its CPU
   models run) and its ``linear_attention``, on the same features (``pip install performer-pytorch``, the ``bench``
@@ -64,6 +66,9 @@ def make_inputs(method: str, length: int, features: int, seed: int = 0):
     if method == "sdpa":
         return [t.requires_grad_() for t in (q, k, v)], None
     feature_map = FavorPlusFeatureMap(HEAD_DIM, num_features=features)
+    if method == "ours+features":
+        scale = HEAD_DIM**-0.25
+        return [(t * scale).requires_grad_() for t in (q, k)] + [v.requires_grad_()], feature_map.fused_feature_args()
     with torch.no_grad():
         scale = HEAD_DIM**-0.25
         q_features = feature_map.query_features(q * scale)  # (B, H, N, m)
@@ -88,6 +93,12 @@ def attention_fn(method: str, causal: bool, log_scale, chunk_size: int, implemen
                 q, k, v, k_log_scale=log_scale, chunk_size=chunk_size, implementation=implementation
             )[0]
         return lambda q, k, v: ops.linear_attention(q, k, v, k_log_scale=log_scale, implementation=implementation)
+    if method == "ours+features":
+        from hf_performer import ops
+
+        return lambda q, k, v: ops.causal_exp_attention(
+            q, k, v, **log_scale, chunk_size=chunk_size, implementation=implementation
+        )[0]
     if method == "performer-pytorch":
         from performer_pytorch import performer_pytorch as pp
 
@@ -98,7 +109,7 @@ def attention_fn(method: str, causal: bool, log_scale, chunk_size: int, implemen
 def worker(args: dict) -> dict:
     import torch
 
-    inputs, log_scale = make_inputs(args["method"], args["length"], args["features"])
+    inputs, log_scale = make_inputs(args["method"], args["length"], args["features"])  # fused: the map's args
     fn = attention_fn(args["method"], args["causal"], log_scale, args["chunk_size"], args["implementation"])
 
     def step():
@@ -108,7 +119,7 @@ def worker(args: dict) -> dict:
         out.backward(torch.ones_like(out))
 
     out_bytes = BATCH * HEADS * args["length"] * HEAD_DIM * 4  # (B, H, N, d) fp32
-    input_bytes = tensor_bytes(*inputs, log_scale)
+    input_bytes = tensor_bytes(*inputs, log_scale if torch.is_tensor(log_scale) else None)
     result = measure(step, budget_s=args["budget_s"], max_reps=args["max_reps"])
     result.update(input_bytes=input_bytes, output_bytes=out_bytes, peak_bytes=input_bytes + result["growth_bytes"])
     return result
@@ -158,6 +169,8 @@ def main():
     for causal in (True, False):
         mode = "causal" if causal else "bidirectional"
         limits = {"ours": max(lengths), "sdpa": max_sdpa[causal], "performer-pytorch": max_pp if causal else max(lengths)}
+        if causal:
+            limits["ours+features"] = max(lengths)
         table = results[mode] = {n: {} for n in lengths}
         for method, limit in limits.items():
             cells = [{"length": n} for n in lengths if n <= limit]
@@ -218,7 +231,7 @@ def render(results, rate, chunk_length, opts) -> str:
     for mode in ("causal", "bidirectional"):
         rows = []
         for length, row in results[mode].items():
-            ours, sdpa, pp = row["ours"], row["sdpa"], row["performer-pytorch"]
+            ours, sdpa, pp, fused = row["ours"], row["sdpa"], row["performer-pytorch"], row.get("ours+features")
             useful = None if ours is None else useful_flops(int(length)) / ours["min_s"]
             io = None if ours is None else (ours["input_bytes"] + ours["output_bytes"])
             rows.append([
@@ -228,9 +241,15 @@ def render(results, rate, chunk_length, opts) -> str:
                 fmt(None if useful is None else 100 * useful / rate, ".0f"),
                 fmt(mb(ours)), fmt(None if io is None else ours["peak_bytes"] / io, ".2f"), fmt(mb(sdpa)), fmt(mb(pp)),
             ])
-        parts += ["", f"## {mode.capitalize()}", "", markdown_table(
-            ["N", "ours ms", "SDPA ms", "perf-pt ms", "SDPA / ours", "perf-pt / ours", "useful GFLOP/s",
-             "% of matmul", "ours MiB", "ours peak / (in + out)", "SDPA MiB", "perf-pt MiB"], rows)]
+            if mode == "causal":
+                rows[-1][4:4] = [fmt(ms(fused), ".1f"), fmt(ratio(fused, sdpa), ".2f")]
+                rows[-1].append(fmt(mb(fused)))
+        headers = ["N", "ours ms", "SDPA ms", "perf-pt ms", "SDPA / ours", "perf-pt / ours", "useful GFLOP/s",
+                   "% of matmul", "ours MiB", "ours peak / (in + out)", "SDPA MiB", "perf-pt MiB"]
+        if mode == "causal":
+            headers[4:4] = ["ours+features ms", "SDPA / ours+features"]
+            headers.append("ours+features MiB")
+        parts += ["", f"## {mode.capitalize()}", "", markdown_table(headers, rows)]
     rows = []
     for chunk, result in results["chunk"].items():
         useful = None if result is None else useful_flops(chunk_length) / result["min_s"]
@@ -255,10 +274,11 @@ def plot(results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    names = {"ours": "hf_performer (chunked)", "sdpa": "exact SDPA", "performer-pytorch": "performer-pytorch"}
+    names = {"ours": "hf_performer (chunked)", "ours+features": "hf_performer, FAVOR+ features inside the op",
+             "sdpa": "exact SDPA", "performer-pytorch": "performer-pytorch"}
     for col, mode in enumerate(("causal", "bidirectional")):
         for method, label in names.items():
-            points = [(int(n), row[method]) for n, row in results[mode].items() if row[method] is not None]
+            points = [(int(n), row[method]) for n, row in results[mode].items() if row.get(method) is not None]
             if not points:
                 continue
             xs = [n for n, _ in points]
