@@ -16,6 +16,18 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+# transformers 5.24 renamed the cache argument and output field from ``past_key_values`` to ``cache`` (the old name
+# still works there, with a FutureWarning). Models take both names; outputs and generate() get the installed one.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def resolve_cache_argument(cache, past_key_values):
+    """The cache a forward was given under either name; both at once is an error unless they are the same object."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class PerformerCacheLayer:

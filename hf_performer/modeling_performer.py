@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
-from .cache_performer import PerformerCache
+from .cache_performer import CACHE_NAME, PerformerCache, resolve_cache_argument
 from .configuration_performer import PerformerConfig
 from .feature_maps import EXACT, FeatureMap, RandomProjectionFeatureMap, get_feature_map_class
 from .local_ops import (
@@ -491,7 +491,7 @@ class PerformerPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PerformerDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = False
     _supports_flash_attn = False
     _supports_attention_backend = False
@@ -504,14 +504,14 @@ class PerformerPreTrainedModel(PreTrainedModel):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() builds a PerformerCache up front (chunked prefill needs one before the first forward)."""
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if model_kwargs.get(CACHE_NAME) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: Performer "
                 "models keep a constant-size recurrent PerformerCache (leave cache_implementation unset)"
             )
-        model_kwargs["past_key_values"] = PerformerCache(self.config)
+        model_kwargs[CACHE_NAME] = PerformerCache(self.config)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -659,8 +659,11 @@ class PerformerModel(PerformerPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: PerformerCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``cache`` (transformers >= 5.24) and ``past_key_values`` (earlier) name the same PerformerCache."""
+        past_key_values = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if kwargs.get("output_attentions"):
@@ -675,13 +678,13 @@ class PerformerModel(PerformerPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if not self.config.causal:
             if past_key_values is not None:
-                raise ValueError("past_key_values needs causal=True: a bidirectional encoder has no recurrent state")
+                raise ValueError(f"{CACHE_NAME} needs causal=True: a bidirectional encoder has no recurrent state")
             use_cache = False
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # states are not kept under checkpointing
         if past_key_values is not None and not isinstance(past_key_values, PerformerCache):
             raise TypeError(
-                f"past_key_values must be a PerformerCache (or None), got {type(past_key_values).__name__}"
+                f"{CACHE_NAME} must be a PerformerCache (or None), got {type(past_key_values).__name__}"
             )
         if use_cache and past_key_values is None:
             past_key_values = PerformerCache(self.config)
@@ -730,8 +733,8 @@ class PerformerModel(PerformerPreTrainedModel):
             cache.position_offset = self._next_position(attention_mask, position_ids, length, cache)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=all_hidden_states,
+            **{CACHE_NAME: cache if use_cache else None},
         )
 
 
@@ -771,8 +774,10 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: PerformerCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = resolve_cache_argument(cache, past_key_values)
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
@@ -793,8 +798,8 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_NAME: outputs[CACHE_NAME] if CACHE_NAME in outputs else None},
         )
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, TextStreamer, pipeline
 
 from hf_performer import FEATURE_MAPS, PerformerCache, PerformerForCausalLM
+from hf_performer.cache_performer import CACHE_NAME
 
 from conftest import tiny_config
 
@@ -48,6 +49,21 @@ def test_incremental_decoding_equals_the_full_forward(feature_map, padded):
     signed = feature_map in ("identity", "rff")
     torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=2e-4 if signed else 1e-5)
     assert cache.get_seq_length() == 21
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_argument_under_either_name_continues_the_sequence(name):
+    """transformers 5.24 renamed past_key_values to cache; a model takes both and returns the installed name."""
+    model = seeded_lm()
+    ids = torch.randint(3, 97, (2, 12))
+    full = model(ids, use_cache=False).logits
+    first = model(ids[:, :7], use_cache=True)
+    cache = first[CACHE_NAME]
+    assert isinstance(cache, PerformerCache)
+    rest = model(ids[:, 7:], use_cache=True, **{name: cache}).logits
+    torch.testing.assert_close(torch.cat([first.logits, rest], dim=1), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, :1], cache=PerformerCache(model.config), past_key_values=PerformerCache(model.config))
 
 
 def test_cache_memory_is_constant_in_context_length():
