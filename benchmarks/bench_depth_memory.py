@@ -28,7 +28,7 @@ torch.manual_seed(0)
 model = PerformerForCausalLM(PerformerConfig(vocab_size=256, hidden_size=256, num_hidden_layers=layers,
                                              num_attention_heads=4, nb_features=64)).train()
 if checkpointing:
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
 ids = torch.randint(0, 256, (4, length))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 model(ids, labels=ids).loss.backward()

@@ -314,7 +314,7 @@ def test_gradient_checkpointing_with_local_heads_and_shift():
     for checkpointing in (False, True):
         model = seeded(PerformerForCausalLM, config, seed=3).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))

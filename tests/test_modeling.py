@@ -342,7 +342,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = seeded(PerformerForCausalLM, config, seed=11).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
         model(ids, labels=ids).loss.backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
