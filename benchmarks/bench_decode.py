@@ -23,6 +23,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
 import hf_performer  # noqa: F401
 from hf_performer import PerformerConfig, PerformerForCausalLM
+from hf_performer.cache_performer import CACHE_NAME  # past_key_values before transformers 5.24, cache after
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -34,9 +35,9 @@ def timed_decode(model, cache, next_token, steps: int, attention_mask=None) -> f
         for _ in range(steps):
             start = time.perf_counter()
             kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-            out = model(next_token, past_key_values=cache, use_cache=True, **kwargs)
+            out = model(next_token, use_cache=True, **{CACHE_NAME: cache}, **kwargs)
             times.append(time.perf_counter() - start)
-            cache = out.past_key_values
+            cache = out[CACHE_NAME]
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask[:, :1]], dim=1)
     return statistics.median(times[1:])
@@ -45,7 +46,7 @@ def timed_decode(model, cache, next_token, steps: int, attention_mask=None) -> f
 def performer_at(model, context: int):
     with torch.inference_mode():
         ids = torch.randint(0, model.config.vocab_size, (1, context))
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True)[CACHE_NAME]
     return cache
 
 
@@ -101,7 +102,7 @@ def main():
         for _ in tqdm(range(args.steps), desc="Performer decode (round-robin)"):
             for context in contexts:
                 start = time.perf_counter()
-                performer(token, past_key_values=p_caches[context], use_cache=True)
+                performer(token, use_cache=True, **{CACHE_NAME: p_caches[context]})
                 p_samples[context].append(time.perf_counter() - start)
     for context in tqdm(contexts, desc="GPT-2 contexts"):
         p_bytes = cache_bytes(p_caches[context])
