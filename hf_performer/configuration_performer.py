@@ -12,7 +12,7 @@ from .feature_maps import EXACT, FEATURE_MAPS, RandomProjectionFeatureMap, avail
 
 POSITION_EMBEDDING_TYPES = ("rotary", "absolute", "axial", "none")
 NORM_TYPES = ("layernorm", "rmsnorm", "scalenorm", "rezero")
-ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "quadratic")
+ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "quadratic", "triton")
 
 
 def _allowed(field: str, value, allowed) -> None:
@@ -44,6 +44,9 @@ class PerformerConfig(PreTrainedConfig):
         feature_seed: seed of the random features (with the layer index and the redraw counter).
         attention_scale: q and k are each multiplied by this before the feature map; default ``d_head ** -0.25``.
         attention_chunk_size: chunk length of the causal algorithm.
+        attention_implementation: ``auto`` (default: the quadratic kernelised matrix for short inputs, the chunked
+            algorithm otherwise, through fused Triton kernels on CUDA when Triton is installed), ``chunked``
+            (always the PyTorch chunked path), ``quadratic`` or ``triton`` (see ``ops.causal_linear_attention``).
 
     Local heads and TF KernelAttention options:
         local_attn_heads: exact softmax heads over a sliding window (an int, or one per layer); they are the last

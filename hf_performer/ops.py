@@ -23,6 +23,8 @@ Three algorithms, one result (``implementation=``):
     recomputes every per-chunk quantity from q, k, v and one saved state per block of chunks, so training memory is
     O(N (m + d)) and no (N, m, d) tensor ever exists. Non-causal attention is the same sum without masks, O(N m d).
   * ``auto``: whichever of the two a flop count says is cheaper for these N, m, d (``choose_implementation``).
+  * ``triton``: the chunked algorithm as fused Triton kernels (``triton_ops.py``), the state kept in registers; what
+    ``auto`` runs instead of ``chunked`` on CUDA tensors when Triton is installed.
 All accumulate in float32 (float64 for float64 inputs) whatever the input dtype.
 """
 
@@ -40,7 +42,7 @@ NEG_LOG_SCALE = -1e30
 
 State = tuple[torch.Tensor, torch.Tensor | None]  # (kv (B, H, m, d+1) fp32, log_scale (B, H) fp32 or None)
 
-IMPLEMENTATIONS = ("auto", "chunked", "quadratic")
+IMPLEMENTATIONS = ("auto", "chunked", "quadratic", "triton")
 
 # A block runs without per-query scales when every query's running max of key log scales is within this many nats of
 # the max at the end of its chunk (nearly always); the fp32 range left to the normaliser is then exp(-87 + FAST_SPAN).
@@ -209,6 +211,18 @@ def _resolve(implementation: str, *args, **kwargs) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
     return choose_implementation(*args, **kwargs) if implementation == "auto" else implementation
+
+
+def _use_triton(implementation: str, resolved: str, x: Tensor) -> bool:
+    """The fused Triton kernels (``triton_ops.py``) run the chunked causal algorithm when asked for, and under
+    ``auto`` for CUDA tensors when Triton is installed; the module (and Triton) is imported only then."""
+    if implementation == "triton":
+        return True
+    if implementation != "auto" or resolved != "chunked" or not x.is_cuda:
+        return False
+    from .triton_ops import usable
+
+    return usable(x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -689,6 +703,7 @@ def linear_attention(q, k, v, *, k_log_scale=None, key_mask=None, implementation
     """Non-causal kernel attention: phi(q) (phi(k)^T v) / phi(q) (phi(k)^T 1), O((N + S) m d) time and
     O((N + S)(m + d)) memory; ``quadratic`` builds the (N, S) matrix instead (cheaper for short inputs)."""
     impl = _resolve(implementation, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1], causal=False)
+    # "triton": non-causal attention is two plain matmuls, already fused enough; it takes the linear path.
     if impl == "quadratic":
         k, k_log_scale = _mask_keys(k, k_log_scale, key_mask)
         return _quadratic_attention(q, k, v, causal=False, k_log_scale=k_log_scale, initial_state=None)[0]
@@ -726,8 +741,9 @@ def causal_linear_attention(
 
     ``implementation``: ``chunked`` (O(N C (m + d) + N m d) time, O(N (m + d)) memory, forward and backward; C = 64
     measured fastest on CPU, see benchmarks/bench_attention.py), ``quadratic`` (the masked (N, N) matrix; what
-    decoding one token uses) or ``auto`` (the cheaper of the two by ``choose_implementation``). Gradients reach q, k,
-    v and ``initial_state``'s kv; ``k_log_scale`` is treated as a constant (the feature maps detach it).
+    decoding one token uses), ``triton`` (the chunked algorithm as fused Triton kernels, ``triton_ops.py``; CUDA) or
+    ``auto`` (the cheaper of chunked and quadratic by ``choose_implementation``, chunked through the Triton kernels on
+    CUDA when Triton is installed). Gradients reach q, k, v and ``initial_state``'s kv; ``k_log_scale`` is treated as a constant (the feature maps detach it).
     """
     batch, heads, length, num_features = q.shape
     head_dim = v.shape[-1]
@@ -744,6 +760,11 @@ def causal_linear_attention(
         return _quadratic_attention(q, k, v, causal=True, k_log_scale=k_log_scale, initial_state=initial_state)
     kv0, c0 = initial_state
     chunk = max(1, min(chunk_size, length))
+    if _use_triton(implementation, impl, q):
+        from .triton_ops import causal_attention as triton_causal_attention
+
+        out, kv, c_end = triton_causal_attention(q, k, v, k_log_scale, kv0, c0, chunk_size)
+        return out, (kv, c_end)
     out, _, kv, c_end, _, _ = _chunked_forward(
         q.contiguous(), k.contiguous(), v.contiguous(), k_log_scale, kv0, c0, chunk, None, None, 0.0, 0.0
     )
@@ -773,9 +794,11 @@ def causal_exp_attention(
     impl = _resolve(implementation, length, length, projection.shape[0], v.shape[-1], causal=True,
                     chunk_size=chunk_size)
     ct = _compute_dtype(q.dtype)
-    if impl == "quadratic" or length == 0:
+    if impl == "quadratic" or length == 0 or _use_triton(implementation, impl, q):
+        # Features first: the quadratic path and the Triton kernels take them as inputs.
         q_features, _ = ExpProjectionFeatures.apply(q.to(ct), projection.to(ct), norm_coef, logit_offset)
         k_features, k_log_scale = ExpProjectionFeatures.apply(k.to(ct), projection.to(ct), norm_coef, logit_offset)
+        impl = "triton" if impl == "chunked" and _use_triton(implementation, impl, q) else impl
         return causal_linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
                                        initial_state=initial_state, chunk_size=chunk_size, implementation=impl)
     batch, heads = q.shape[:2]
