@@ -238,10 +238,16 @@ def _block(size: int, cap: int | None = None) -> int:
     return block if cap is None else min(block, cap)
 
 
+# Tile caps: a program holds its (C, m) query and key tiles and an (m, 32) slice of the state (or of its gradient),
+# ~13k fp32 values, which fits 4 warps' registers for m = 128 without spilling. Untuned: no GPU was at hand when
+# these kernels were written (benchmarks/bench_cuda.py measures them).
+MAX_CHUNK, MAX_COLUMNS = 32, 32
+
+
 def _launch_options(q: Tensor, v: Tensor, chunk: int) -> dict:
     m, d = q.shape[-1], v.shape[-1]
     dtype = tl.float64 if q.dtype == torch.float64 else tl.float32
-    return dict(BLOCK_C=_block(chunk, 128), BLOCK_M=_block(m), BLOCK_D=_block(d), DTYPE=dtype)
+    return dict(BLOCK_C=_block(chunk, MAX_CHUNK), BLOCK_M=_block(m), BLOCK_D=_block(d), DTYPE=dtype)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -276,7 +282,7 @@ def _forward_impl(q, k, v, log_scale, kv0, c0, chunk):
     normaliser = torch.empty(g, length, dtype=ct, device=q.device)
     kv_end = torch.empty(g, m, d + 1, dtype=ct, device=q.device)
     options = _launch_options(q, v, chunk)
-    options["BLOCK_D"] = _block(d, 64)  # value columns split across programs
+    options["BLOCK_D"] = _block(d, MAX_COLUMNS)  # value columns split across programs
     grid = (g, triton.cdiv(d, options["BLOCK_D"]))
     _forward_kernel[grid](q3, k3, v3, l3, c3, kv0, c03, out, normaliser, kv_end, length, m, d, **options)
     c_end = c3[:, -1] if length else c03
@@ -303,13 +309,13 @@ def _backward_impl(grad_out, grad_kv, q, k, v, log_scale, kv0, c0, out, normalis
     dv = torch.empty(g, length, d, dtype=ct, device=q.device)
     d_kv0 = torch.empty(g, m, d + 1, dtype=ct, device=q.device)
     options = _launch_options(q, v, chunk)
-    feature_blocks = dict(options, BLOCK_M=_block(m, 64))
+    feature_blocks = dict(options, BLOCK_M=_block(m, MAX_COLUMNS))
     c_end = c3[:, -1].contiguous() if length else c03
     _dq_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
         q3, k3, v3, l3, c3, kv0.reshape(g, m, d + 1).to(ct).contiguous(), c03, d_num, d_den, dq, length, m, d, **feature_blocks)
     _dk_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
         q3, v3, l3, c3, c03, c_end, d_num, d_den, grad_kv, dk, d_kv0, length, m, d, **feature_blocks)
-    value_blocks = dict(options, BLOCK_D=_block(d, 64))
+    value_blocks = dict(options, BLOCK_D=_block(d, MAX_COLUMNS))
     _dv_kernel[(g, triton.cdiv(d, value_blocks["BLOCK_D"]))](
         q3, k3, l3, c3, c03, d_num, grad_kv, dv, length, m, d, **value_blocks)
     return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),

@@ -38,6 +38,19 @@ def test_triton_matches_naive(stabilised, masked, chunk_size, length):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+def test_triton_splits_feature_and_value_columns_across_programs():
+    """m=40, d=36: wider than one 32-column tile, so several programs share each sequence in every kernel."""
+    q, k, v, log_scale = features(length=50, m=40, d=36, spread=2.0, seed=7)
+    weight = torch.randn(2, 2, 50, 36, dtype=torch.float64)
+    ref, ref_grads = grads(lambda q, k, v: naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale),
+                           (q, k, v), weight)
+    out, out_grads = grads(lambda q, k, v: causal_linear_attention(q, k, v, k_log_scale=log_scale, chunk_size=16,
+                                                                   implementation="triton")[0], (q, k, v), weight)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("stabilised", [True, False])
 def test_triton_state_and_its_gradient_match_the_chunked_path(stabilised):
     """A prefix's state continued by the kernels: same output, leaving state and gradients (also into the
