@@ -23,6 +23,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_
 
 from hf_performer import prepare_model_for_performer_attention
 from hf_performer.attention_backend import performer_attention_forward, resolve_mask
+from hf_performer.cache_performer import CACHE_NAME  # past_key_values before transformers 5.24
 
 VOCAB = 96
 
@@ -210,7 +211,7 @@ def test_generate_with_dynamic_cache_matches_no_cache():
     with torch.no_grad():
         full = model(ids).logits
         first = model(ids[:, :9], use_cache=True)
-        second = model(ids[:, 9:], past_key_values=first.past_key_values, use_cache=True).logits
+        second = model(ids[:, 9:], use_cache=True, **{CACHE_NAME: first[CACHE_NAME]}).logits
     torch.testing.assert_close(second, full[:, 9:], rtol=1e-4, atol=1e-5)
 
 

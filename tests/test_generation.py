@@ -191,8 +191,8 @@ def test_continuing_from_a_returned_cache():
     model = seeded_lm(seed=12)
     ids = torch.randint(3, 97, (1, 8))
     first = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
-    more = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=5,
-                          do_sample=False, eos_token_id=None)
+    more = model.generate(first.sequences, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                          **{CACHE_NAME: first[CACHE_NAME]})
     assert torch.equal(more, uncached_greedy(model, ids, 10))
 
 
