@@ -57,7 +57,7 @@ if triton is not None:
     def _forward_kernel(Q, K, V, L, Cmax, KV0, C0, OUT, DEN, KV_END, N, M, D,
                         BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                         DTYPE: tl.constexpr):
-        g = tl.program_id(0)
+        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
         col_block = tl.program_id(1)
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.arange(0, BLOCK_M)
@@ -107,7 +107,7 @@ if triton is not None:
     def _dq_kernel(Q, K, V, L, Cmax, KV0, C0, DNUM, DDEN, DQ, N, M, D,
                    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         """dq_t = sum_{u<=t} w_tu ([dnum_t, dden_t] . [v_u, 1]) k_u; programs over feature-column blocks."""
-        g = tl.program_id(0)
+        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -149,7 +149,7 @@ if triton is not None:
                    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         """dk_u = sum_{t>=u} w_tu ([dnum_t, dden_t] . [v_u, 1]) q_t, last chunk first; the gradient of the state
         entering each chunk is carried at that chunk's scale (its factors are <= 1), and leaves as d kv0."""
-        g = tl.program_id(0)
+        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -196,7 +196,7 @@ if triton is not None:
     def _dv_kernel(Q, K, L, Cmax, C0, DNUM, GRAD_KV, DV, N, M, D,
                    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         """dv_u = sum_{t>=u} w_tu (q_t . k_u) dnum_t, last chunk first; programs over value-column blocks."""
-        g = tl.program_id(0)
+        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
