@@ -50,7 +50,9 @@ FAST_SPAN = 20.0
 
 # Tokens (summed over heads) handled per step of the chunk loop: the block's features and (C, C) scores stay in the
 # CPU's cache, which doubles the speed of the small batched matmuls compared with one pass over the whole sequence.
-BLOCK_TOKENS = 4096
+# The backward's per-block temporaries (features, state gradients, scores) are what must fit: 2048 tokens measured
+# 5-9% faster forward + backward than 4096 at m = 128, d = 64 on one thread (1024 about the same as 2048, more blocks).
+BLOCK_TOKENS = 2048
 
 
 
