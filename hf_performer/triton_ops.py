@@ -15,11 +15,13 @@ normaliser sum in registers, so nothing of size N m d (or even N/C m d) touches 
 Stabiliser: keys come divided by a per-token scale exp(l_u) (exponential feature maps, see ``ops.py``), and every
 weight is w_tu = exp(l_u - c_t) <= 1 with c_t the running maximum, the chunk hand-offs exp(c_prev - c_t) <= 1. This
 is ``ops._Block``'s exact mode; in registers those exponentials are free, so there is no fast/exact switch.
-Everything accumulates in float32 (float64 for float64 inputs), dots in full precision (no TF32).
+Everything accumulates in float32 (float64 for float64 inputs), and the dots are plain fp32 FMAs (no TF32, so no
+tensor cores yet: half inputs are upcast; bf16 operands with fp32 accumulation are the obvious next step on a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Optional
@@ -52,6 +54,12 @@ def usable(x: Tensor) -> bool:
 
 
 if triton is not None:
+    # A jit function may read a global only when it is a constexpr.
+    _NEG = tl.constexpr(NEG_LOG_SCALE)
+    # 8 warps, no software pipelining: the (C, m) tiles and the state slice stay in registers without spilling
+    # (ptxas, fp32, m = 128, d = 64: under 1 KB of spills per thread, vs 5-13 KB with 4 warps and 3 stages, whose
+    # pipelined loads also need more shared memory than an A100 has in fp64).
+    LAUNCH = dict(num_warps=8, num_stages=1)
 
     @triton.jit
     def _forward_kernel(Q, K, V, L, Cmax, KV0, C0, OUT, DEN, KV_END, N, M, D,
@@ -78,12 +86,12 @@ if triton is not None:
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, BM)
             v = tl.load(V + g * N * D + rows[:, None] * D + offs_d[None, :],
                         mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, BD)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)  # (C,)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)  # (C,) running max
+            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)  # (C,)
+            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)  # (C,) running max
             causal = rows[:, None] >= rows[None, :]  # (C, C): t >= u
             weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * weights  # (C, C)
-            carry = tl.exp(tl.minimum(c_prev - c, 0.0))  # (C,): the state's scale brought to each query's, <= 1 (padded rows: 0)
+            carry = tl.exp(tl.minimum(c_prev - c, 0.0))  # (C,): the state's scale brought to each query's, <= 1
             numerator = tl.dot(scores, v, input_precision="ieee") + carry[:, None] * tl.dot(
                 q, kv, input_precision="ieee")  # (C, BD)
             normaliser = tl.sum(scores, 1) + carry * tl.sum(q * ksum[None, :], 1)  # (C,)
@@ -128,8 +136,8 @@ if triton is not None:
             dnum = tl.load(DNUM + g * N * D + rows[:, None] * D + offs_d[None, :],
                            mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, D)
             dden = tl.load(DDEN + g * N + rows, mask=mask_r, other=0.0).to(DTYPE)  # (C,)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)
+            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
             causal = rows[:, None] >= rows[None, :]
             weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
             d_scores = (tl.dot(dnum, tl.trans(v), input_precision="ieee") + dden[:, None]) * weights  # (C, C)
@@ -172,8 +180,8 @@ if triton is not None:
             dnum = tl.load(DNUM + g * N * D + rows[:, None] * D + offs_d[None, :],
                            mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, D)
             dden = tl.load(DDEN + g * N + rows, mask=mask_r, other=0.0).to(DTYPE)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)
+            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
             c_end = tl.max(c, 0)
             c_before = tl.load(Cmax + g * N + start - 1, mask=start > 0, other=0.0).to(DTYPE)
             c_before = tl.where(start > 0, c_before, c0)  # the scale of the state entering this chunk
@@ -216,8 +224,8 @@ if triton is not None:
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, M)
             dnum = tl.load(DNUM + g * N * D + rows[:, None] * D + offs_d[None, :],
                            mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, BD)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=NEG_LOG_SCALE).to(DTYPE)
+            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
             c_end = tl.max(c, 0)
             c_before = tl.load(Cmax + g * N + start - 1, mask=start > 0, other=0.0).to(DTYPE)
             c_before = tl.where(start > 0, c_before, c0)
@@ -239,8 +247,8 @@ def _block(size: int, cap: int | None = None) -> int:
 
 
 # Tile caps: a program holds its (C, m) query and key tiles and an (m, 32) slice of the state (or of its gradient),
-# ~13k fp32 values, which fits 4 warps' registers for m = 128 without spilling. Untuned: no GPU was at hand when
-# these kernels were written (benchmarks/bench_cuda.py measures them).
+# ~13k fp32 values, for 8 warps' registers at m = 128 (see LAUNCH). Untuned: no GPU was at hand when these kernels
+# were written; tests/test_triton_ops.py compiles them for sm_80 / sm_90 and benchmarks/bench_cuda.py times them.
 MAX_CHUNK, MAX_COLUMNS = 32, 32
 
 
@@ -248,6 +256,11 @@ def _launch_options(q: Tensor, v: Tensor, chunk: int) -> dict:
     m, d = q.shape[-1], v.shape[-1]
     dtype = tl.float64 if q.dtype == torch.float64 else tl.float32
     return dict(BLOCK_C=_block(chunk, MAX_CHUNK), BLOCK_M=_block(m), BLOCK_D=_block(d), DTYPE=dtype)
+
+
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's (models split over GPUs, device_map="auto")."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -265,7 +278,7 @@ def _scales(log_scale: Tensor | None, c0: Tensor | None, groups: int, length: in
         zeros = torch.zeros(groups, length, dtype=ct, device=device)
         return zeros, zeros, torch.zeros(groups, dtype=ct, device=device)
     log_scale = _as_groups(log_scale.to(ct))
-    c0 = c0.reshape(groups).to(ct)
+    c0 = torch.full((groups,), NEG_LOG_SCALE, dtype=ct, device=device) if c0 is None else c0.reshape(groups).to(ct)
     c = torch.maximum(torch.cummax(log_scale, dim=-1).values, c0.unsqueeze(-1))
     return log_scale, c.contiguous(), c0.contiguous()
 
@@ -284,8 +297,10 @@ def _forward_impl(q, k, v, log_scale, kv0, c0, chunk):
     options = _launch_options(q, v, chunk)
     options["BLOCK_D"] = _block(d, MAX_COLUMNS)  # value columns split across programs
     grid = (g, triton.cdiv(d, options["BLOCK_D"]))
-    _forward_kernel[grid](q3, k3, v3, l3, c3, kv0, c03, out, normaliser, kv_end, length, m, d, **options)
-    c_end = c3[:, -1] if length else c03
+    with _on_device(q):
+        _forward_kernel[grid](q3, k3, v3, l3, c3, kv0, c03, out, normaliser, kv_end, length, m, d, **options,
+                              **LAUNCH)
+    c_end = (c3[:, -1] if length else c03).clone()  # a fresh tensor: no view of c3 nor alias of the input c0
     return (out.view(batch, heads, length, d).to(v.dtype), normaliser.view(batch, heads, length),
             kv_end.view(batch, heads, m, d + 1), c_end.reshape(batch, heads))
 
@@ -311,13 +326,15 @@ def _backward_impl(grad_out, grad_kv, q, k, v, log_scale, kv0, c0, out, normalis
     options = _launch_options(q, v, chunk)
     feature_blocks = dict(options, BLOCK_M=_block(m, MAX_COLUMNS))
     c_end = c3[:, -1].contiguous() if length else c03
-    _dq_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
-        q3, k3, v3, l3, c3, kv0.reshape(g, m, d + 1).to(ct).contiguous(), c03, d_num, d_den, dq, length, m, d, **feature_blocks)
-    _dk_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
-        q3, v3, l3, c3, c03, c_end, d_num, d_den, grad_kv, dk, d_kv0, length, m, d, **feature_blocks)
     value_blocks = dict(options, BLOCK_D=_block(d, MAX_COLUMNS))
-    _dv_kernel[(g, triton.cdiv(d, value_blocks["BLOCK_D"]))](
-        q3, k3, l3, c3, c03, d_num, grad_kv, dv, length, m, d, **value_blocks)
+    kv0 = kv0.reshape(g, m, d + 1).to(ct).contiguous()
+    with _on_device(q):
+        _dq_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
+            q3, k3, v3, l3, c3, kv0, c03, d_num, d_den, dq, length, m, d, **feature_blocks, **LAUNCH)
+        _dk_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
+            q3, v3, l3, c3, c03, c_end, d_num, d_den, grad_kv, dk, d_kv0, length, m, d, **feature_blocks, **LAUNCH)
+        _dv_kernel[(g, triton.cdiv(d, value_blocks["BLOCK_D"]))](
+            q3, k3, l3, c3, c03, d_num, grad_kv, dv, length, m, d, **value_blocks, **LAUNCH)
     return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
             d_kv0.view(batch, heads, m, d + 1))
 

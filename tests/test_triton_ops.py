@@ -191,3 +191,24 @@ def test_empty_state_from_either_path_feeds_the_kernels():
     out, _ = causal_linear_attention(q, k, v, k_log_scale=log_scale, initial_state=(state[0].double(), state[1]),
                                      implementation="triton")
     torch.testing.assert_close(out, naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale))
+
+
+def test_kernels_compile_for_nvidia_gpus():
+    """Code generation and ptxas for sm_80 (A100) and sm_90 (H100), fp32 and fp64, with the package's launch
+    options, and within the A100's shared memory per block (163 KiB): what the interpreter cannot check."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("compile_triton_kernels.py")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 16
+    failures = [row for row in rows if not row["ok"]]
+    assert not failures, failures
+    assert max(row["shared"] for row in rows) <= 166912

@@ -1,0 +1,62 @@
+"""Compiles the Triton kernels ahead of time for NVIDIA GPUs, without a GPU: Triton's code generator and its bundled
+ptxas, with the launch options the package uses. Run as a script by tests/test_triton_ops.py (the test process runs
+the kernels in the interpreter, which never generates code, so it cannot catch what only the compiler rejects).
+
+    python tests/compile_triton_kernels.py            # prints one JSON line per kernel, target and dtype
+"""
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # before Triton defines the kernels
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 default, stated to silence its warning
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from hf_performer import triton_ops  # noqa: E402
+
+M, D, C = 128, 64, 32  # the benchmark shape: 128 features, head dim 64, the kernels' chunk tile
+TILE = triton_ops.MAX_COLUMNS
+KERNELS = {
+    "forward": (triton_ops._forward_kernel, dict(BLOCK_C=C, BLOCK_M=M, BLOCK_D=TILE)),
+    "dq": (triton_ops._dq_kernel, dict(BLOCK_C=C, BLOCK_M=TILE, BLOCK_D=D)),
+    "dk": (triton_ops._dk_kernel, dict(BLOCK_C=C, BLOCK_M=TILE, BLOCK_D=D)),
+    "dv": (triton_ops._dv_kernel, dict(BLOCK_C=C, BLOCK_M=M, BLOCK_D=TILE)),
+}
+
+
+def compile_kernel(fn, blocks: dict, dtype: str, arch: int):
+    signature, constants = {}, {}
+    for name in fn.arg_names:
+        if name in blocks:
+            signature[name], constants[name] = "constexpr", blocks[name]
+        elif name == "DTYPE":
+            signature[name], constants[name] = "constexpr", tl.float64 if dtype == "fp64" else tl.float32
+        elif name in ("N", "M", "D"):
+            signature[name] = "i32"
+        else:
+            signature[name] = "*" + dtype
+    return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", arch, 32),
+                          options=dict(triton_ops.LAUNCH))
+
+
+def main():
+    for arch in (80, 90):
+        for dtype in ("fp32", "fp64"):
+            for name, (fn, blocks) in KERNELS.items():
+                try:
+                    kernel = compile_kernel(fn, blocks, dtype, arch)
+                    row = dict(kernel=name, arch=arch, dtype=dtype, ok=True, shared=kernel.metadata.shared,
+                               cubin_bytes=len(kernel.asm["cubin"]))
+                except Exception as error:  # report every failure, not only the first
+                    row = dict(kernel=name, arch=arch, dtype=dtype, ok=False,
+                               error=f"{type(error).__name__}: {str(error)[-500:]}")
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
