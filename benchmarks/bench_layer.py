@@ -13,7 +13,7 @@ Hidden 512, 8 heads (d = 64), fp32, batch 1, inputs_embeds in, the sum of the la
   Performer paper's optimal baseline;
 * ``llama-identity-qk``: the same, but q and k stay in the autograd graph (output = V + 0 * (sum q + sum k)). Plain
   identity attention makes the output independent of q and k, so autograd skips the backward of the q and k
-  projections (4 of the layer's 21 large matmuls, ~17% of its time); any real attention pays for them. This is
+  projections (4 of the layer's 21 large matmuls, 9-14% of its time); any real attention pays for them. This is
   the baseline "everything but attention" that a Performer layer can actually approach;
 * ``performer-pytorch``: one causal ``performer_pytorch.Performer`` layer of the same shape (dim 512, 8 heads,
   128 features, GLU feed-forward with ff_mult 2), for reference; skipped above ``--max-pp`` tokens (its memory grows
