@@ -13,5 +13,9 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+if [ -n "${UNPINNED:-}" ]; then
+  .venv/bin/python -m pip install -q -e ".[test]"  # in a fresh .venv: the newest releases pyproject.toml allows
+else
+  .venv/bin/python -m pip install -q -e ".[test]" -c scripts/constraints.txt  # the tested versions
+fi
 .venv/bin/python -c "import torch, transformers, hf_performer; print(f'hf_performer {hf_performer.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
