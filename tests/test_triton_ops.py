@@ -15,15 +15,21 @@ from test_ops import favor_inputs, features, grads, key_mask, plain_favor
 
 pytestmark = pytest.mark.skipif(not triton_ops.available(), reason="triton is not installed")
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in Triton's interpreter
+
+
+def on_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
 
 @pytest.mark.parametrize("stabilised", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("chunk_size,length", [(16, 37), (32, 70), (16, 16)])
 def test_triton_matches_naive(stabilised, masked, chunk_size, length):
     """m=6, d=5 (padded to 16-wide blocks in the kernels), ragged last chunks, left padding with empty chunks."""
-    q, k, v, log_scale = features(length=length, stabilised=stabilised)
-    mask = key_mask(2, length) if masked else None
-    weight = torch.randn(2, 2, length, 5, dtype=torch.float64)
+    q, k, v, log_scale = on_device(*features(length=length, stabilised=stabilised))
+    mask = key_mask(2, length).to(DEVICE) if masked else None
+    weight = torch.randn(2, 2, length, 5, dtype=torch.float64, device=DEVICE)
     ref, ref_grads = grads(
         lambda q, k, v: naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale, key_mask=mask),
         (q, k, v), weight,
@@ -40,8 +46,8 @@ def test_triton_matches_naive(stabilised, masked, chunk_size, length):
 
 def test_triton_splits_feature_and_value_columns_across_programs():
     """m=40, d=36: wider than one 32-column tile, so several programs share each sequence in every kernel."""
-    q, k, v, log_scale = features(length=50, m=40, d=36, spread=2.0, seed=7)
-    weight = torch.randn(2, 2, 50, 36, dtype=torch.float64)
+    q, k, v, log_scale = on_device(*features(length=50, m=40, d=36, spread=2.0, seed=7))
+    weight = torch.randn(2, 2, 50, 36, dtype=torch.float64, device=DEVICE)
     ref, ref_grads = grads(lambda q, k, v: naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale),
                            (q, k, v), weight)
     out, out_grads = grads(lambda q, k, v: causal_linear_attention(q, k, v, k_log_scale=log_scale, chunk_size=16,
@@ -55,7 +61,7 @@ def test_triton_splits_feature_and_value_columns_across_programs():
 def test_triton_state_and_its_gradient_match_the_chunked_path(stabilised):
     """A prefix's state continued by the kernels: same output, leaving state and gradients (also into the
     entering state and from the leaving one) as the PyTorch chunked op."""
-    q, k, v, log_scale = features(length=53, stabilised=stabilised, spread=3.0)
+    q, k, v, log_scale = on_device(*features(length=53, stabilised=stabilised, spread=3.0))
     prefix, rest = slice(0, 20), slice(20, None)
     ls = (lambda s: None) if log_scale is None else (lambda s: log_scale[..., s])
     _, (kv0, c0) = causal_linear_attention(q[..., prefix, :], k[..., prefix, :], v[..., prefix, :],
@@ -67,7 +73,8 @@ def test_triton_state_and_its_gradient_match_the_chunked_path(stabilised):
         state0 = kv0.clone().requires_grad_()
         out, (kv, c) = causal_linear_attention(*tensors, k_log_scale=ls(rest), initial_state=(state0, c0),
                                                chunk_size=16, implementation=implementation)
-        loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum() + (kv * kv.detach()).sum()
+        weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=DEVICE)
+        loss = (out * weights).sum() + (kv * kv.detach()).sum()
         results[implementation] = (out, kv, c, torch.autograd.grad(loss, [*tensors, state0]))
     (out_a, kv_a, c_a, grads_a), (out_b, kv_b, c_b, grads_b) = results["chunked"], results["triton"]
     torch.testing.assert_close(out_b, out_a, rtol=1e-10, atol=1e-12)
@@ -81,9 +88,9 @@ def test_triton_state_and_its_gradient_match_the_chunked_path(stabilised):
 
 
 def test_triton_gradcheck():
-    q, k, v, log_scale = features(batch=1, heads=2, length=19, m=4, d=3, spread=1.5)
-    kv0 = torch.rand(1, 2, 4, 4, dtype=torch.float64) + 0.1
-    c0 = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    q, k, v, log_scale = on_device(*features(batch=1, heads=2, length=19, m=4, d=3, spread=1.5))
+    kv0 = torch.rand(1, 2, 4, 4, dtype=torch.float64, device=DEVICE) + 0.1
+    c0 = torch.tensor([[0.3, -0.2]], dtype=torch.float64, device=DEVICE)
 
     def attention(q, k, v, kv0):
         out, (kv, _) = causal_linear_attention(q, k, v, k_log_scale=log_scale, initial_state=(kv0, c0),
@@ -96,7 +103,7 @@ def test_triton_gradcheck():
 
 def test_triton_fp32_accuracy_against_float64():
     """Issue 8: max relative error below 1e-5 in fp32 (dots in full precision, no TF32)."""
-    q, k, v, log_scale = features(length=150, m=32, d=16, spread=4.0, seed=3)
+    q, k, v, log_scale = on_device(*features(length=150, m=32, d=16, spread=4.0, seed=3))
     ref = naive_kernel_attention(q, k, v, causal=True, k_log_scale=log_scale)
     out, _ = causal_linear_attention(q.float(), k.float(), v.float(), k_log_scale=log_scale.float(),
                                      chunk_size=32, implementation="triton")
@@ -106,7 +113,7 @@ def test_triton_fp32_accuracy_against_float64():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_half_inputs_accumulate_in_fp32(dtype):
-    q, k, v, log_scale = features(length=40, spread=1.0, seed=5)
+    q, k, v, log_scale = on_device(*features(length=40, spread=1.0, seed=5))
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out, (kv, c) = causal_linear_attention(q, k, v, k_log_scale=log_scale.float(), chunk_size=16,
                                            implementation="triton")
@@ -117,9 +124,9 @@ def test_triton_half_inputs_accumulate_in_fp32(dtype):
 
 def test_triton_exp_features_match_naive():
     """causal_exp_attention through the kernels: features from ExpProjectionFeatures, then the Triton op."""
-    q, k, v, projection = favor_inputs(spread=2.5)
-    mask = key_mask(2, 37)
-    weight = torch.randn(2, 2, 37, 5, dtype=torch.float64)
+    q, k, v, projection = on_device(*favor_inputs(spread=2.5))
+    mask = key_mask(2, 37).to(DEVICE)
+    weight = torch.randn(2, 2, 37, 5, dtype=torch.float64, device=DEVICE)
     ref, ref_grads = grads(
         lambda q, k, v: naive_kernel_attention(plain_favor(q, projection, 0.5, -0.3),
                                                plain_favor(k, projection, 0.5, -0.3), v, causal=True, key_mask=mask),
@@ -139,14 +146,14 @@ def test_triton_exp_features_match_naive():
 def test_model_with_triton_attention_equals_chunked(feature_map):
     """A whole model (left-padded batch) with attention_implementation='triton': the same logits and parameter
     gradients as 'chunked', and generate() (chunked prefill through the kernels) equals the uncached greedy loop."""
-    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     models, logits, weight_grads = {}, {}, {}
     for implementation in ("chunked", "triton"):
         torch.manual_seed(0)
         model = PerformerForCausalLM(tiny_config(feature_map=feature_map, attention_implementation=implementation,
-                                                 attention_chunk_size=16))
+                                                 attention_chunk_size=16)).to(DEVICE)
         out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
         out.loss.backward()
         models[implementation], logits[implementation] = model, out.logits
@@ -164,29 +171,38 @@ def test_model_with_triton_attention_equals_chunked(feature_map):
     assert torch.equal(generated, reference)
 
 
-def test_auto_uses_the_kernels_only_for_cuda_tensors(monkeypatch):
-    """On CPU, 'auto' and 'chunked' stay on the PyTorch path even when Triton (here: its interpreter) could run."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the Triton kernels were called for a CPU tensor")
+def test_auto_uses_the_kernels_exactly_for_cuda_tensors(monkeypatch):
+    """'auto' runs the kernels for CUDA tensors only; on CPU it and 'chunked' stay on the PyTorch path even where
+    Triton (its interpreter) could run them; 'triton' asks for them."""
+    calls = []
+    kernels = triton_ops.causal_attention
 
-    monkeypatch.setattr(triton_ops, "causal_attention", refuse)
-    q, k, v, log_scale = features(length=300)
+    def spy(q, *args, **kwargs):
+        calls.append(q.device.type)
+        return kernels(q, *args, **kwargs)
+
+    monkeypatch.setattr(triton_ops, "causal_attention", spy)
+    q, k, v, log_scale = features(length=300)  # CPU tensors
     for implementation in ("auto", "chunked"):
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation=implementation)
-    assert ops._use_triton("auto", "chunked", q) is False
-    with pytest.raises(AssertionError, match="CPU tensor"):
+    assert calls == []
+    if triton_ops.interpreting():
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
+        assert calls == ["cpu"]
+    if torch.cuda.is_available():
+        causal_linear_attention(*on_device(q, k, v), k_log_scale=log_scale.to(DEVICE), implementation="auto")
+        assert calls[-1] == "cuda"
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v, log_scale = features(length=20)
+    q, k, v, log_scale = features(length=20)  # CPU tensors
     with pytest.raises(ValueError, match="CUDA tensors .*implementation='chunked'"):
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
 
 
 def test_empty_state_from_either_path_feeds_the_kernels():
-    q, k, v, log_scale = features(length=24)
+    q, k, v, log_scale = on_device(*features(length=24))
     state = empty_state(2, 2, 6, 5, True, q.device)
     out, _ = causal_linear_attention(q, k, v, k_log_scale=log_scale, initial_state=(state[0].double(), state[1]),
                                      implementation="triton")
