@@ -93,11 +93,17 @@ def two_ranks(tmp_path_factory):
     script = out / "worker.py"
     script.write_text(WORKER.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__)))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(out)],
-        env=env, capture_output=True, text=True, timeout=180,
-    )
+    for attempt in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+             str(out)],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        # Seen once in ~15 runs: a rank aborts in C++ ("terminate called without an active exception", SIGABRT)
+        # after its work, in gloo's teardown. Such a death gets one more try; any Python error fails at once.
+        died_in_teardown = "terminate called without an active exception" in result.stderr
+        if result.returncode == 0 or not died_in_teardown:
+            break
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out
 
