@@ -62,9 +62,68 @@ if triton is not None:
     LAUNCH = dict(num_warps=8, num_stages=1)
 
     @triton.jit
+    def _tile(ptr, g, N, width, rows, mask_r, cols, mask_cols, DTYPE: tl.constexpr):
+        """Rows x columns of a (G, N, width) tensor in the compute dtype, zeros outside it."""
+        return tl.load(ptr + g * N * width + rows[:, None] * width + cols[None, :],
+                       mask=mask_r[:, None] & mask_cols[None, :], other=0.0).to(DTYPE)
+
+    @triton.jit
+    def _store_tile(ptr, value, g, N, width, rows, mask_r, cols, mask_cols):
+        tl.store(ptr + g * N * width + rows[:, None] * width + cols[None, :], value,
+                 mask=mask_r[:, None] & mask_cols[None, :])
+
+    @triton.jit
+    def _load_state(ptr, g, M, D, offs_m, mask_m, offs_d, mask_d, DTYPE: tl.constexpr):
+        """A (BM, BD) slice of an (m, d + 1) state [sum k v^T | sum k] and its last column's (BM,) slice."""
+        base = ptr + g * M * (D + 1)
+        kv = tl.load(base + offs_m[:, None] * (D + 1) + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0).to(DTYPE)
+        ksum = tl.load(base + offs_m * (D + 1) + D, mask=mask_m, other=0.0).to(DTYPE)
+        return kv, ksum
+
+    @triton.jit
+    def _store_state(ptr, kv, ksum, g, M, D, offs_m, mask_m, offs_d, mask_d, with_sum):
+        base = ptr + g * M * (D + 1)
+        tl.store(base + offs_m[:, None] * (D + 1) + offs_d[None, :], kv, mask=mask_m[:, None] & mask_d[None, :])
+        if with_sum:
+            tl.store(base + offs_m * (D + 1) + D, ksum, mask=mask_m)
+
+    @triton.jit
+    def _chunk_weights(L, Cmax, g, N, rows, mask_r, DTYPE: tl.constexpr):
+        """Key log scales l (C,), running maxima c (C,) and causal weights w_tu = exp(l_u - c_t) <= 1 (C, C).
+        Padded rows load -1e30: their weights are 0, and c stays non-decreasing over the real rows."""
+        log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+        c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+        causal = rows[:, None] >= rows[None, :]  # (C, C): t >= u
+        weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
+        return log_scale, c, weights
+
+    @triton.jit
+    def _entering_scale(Cmax, c0, g, N, start, DTYPE: tl.constexpr):
+        """Scale of the state entering the chunk at ``start``: the running maximum just before it, or c0."""
+        c_before = tl.load(Cmax + g * N + start - 1, mask=start > 0, other=0.0).to(DTYPE)
+        return tl.where(start > 0, c_before, c0)
+
+    @triton.jit
+    def _advance(kv, ksum, k, v, log_scale, c_prev, c_end):
+        """The state after a chunk, at the scale c_end of its last real row (every factor <= 1)."""
+        decay = tl.exp(c_prev - c_end)
+        k_end = k * tl.exp(log_scale - c_end)[:, None]  # (C, BM): keys at the leaving scale
+        return kv * decay + tl.dot(tl.trans(k_end), v, input_precision="ieee"), ksum * decay + tl.sum(k_end, 0)
+
+    @triton.jit
+    def _retreat(d_kv, q, dnum, c, c_before, c_end):
+        """The state's gradient before a chunk (reverse pass), at the entering scale c_before; also the chunk's
+        queries at that scale, (C, BM)."""
+        q_before = q * tl.exp(tl.minimum(c_before - c, 0.0))[:, None]
+        d_kv = d_kv * tl.exp(c_before - c_end) + tl.dot(tl.trans(q_before), dnum, input_precision="ieee")
+        return d_kv, q_before
+
+    @triton.jit
     def _forward_kernel(Q, K, V, L, Cmax, KV0, C0, OUT, DEN, KV_END, N, M, D,
                         BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                         DTYPE: tl.constexpr):
+        """out_t = [sum_u w_tu (q_t . k_u) v_u] / [sum_u w_tu (q_t . k_u)]; programs over value-column blocks."""
         g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
         col_block = tl.program_id(1)
         offs_c = tl.arange(0, BLOCK_C)
@@ -72,172 +131,121 @@ if triton is not None:
         offs_d = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_m = offs_m < M
         mask_d = offs_d < D
-        state_ptr = KV0 + g * M * (D + 1)
-        kv = tl.load(state_ptr + offs_m[:, None] * (D + 1) + offs_d[None, :],
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (BM, BD)
-        ksum = tl.load(state_ptr + offs_m * (D + 1) + D, mask=mask_m, other=0.0).to(DTYPE)  # (BM,)
+        kv, ksum = _load_state(KV0, g, M, D, offs_m, mask_m, offs_d, mask_d, DTYPE)  # (BM, BD), (BM,)
         c_prev = tl.load(C0 + g).to(DTYPE)  # scale of the state entering the chunk
         for start in range(0, N, BLOCK_C):
             rows = start + offs_c
             mask_r = rows < N
-            q = tl.load(Q + g * N * M + rows[:, None] * M + offs_m[None, :],
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, BM)
-            k = tl.load(K + g * N * M + rows[:, None] * M + offs_m[None, :],
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, BM)
-            v = tl.load(V + g * N * D + rows[:, None] * D + offs_d[None, :],
-                        mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, BD)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)  # (C,)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)  # (C,) running max
-            causal = rows[:, None] >= rows[None, :]  # (C, C): t >= u
-            weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
+            q = _tile(Q, g, N, M, rows, mask_r, offs_m, mask_m, DTYPE)  # (C, BM)
+            k = _tile(K, g, N, M, rows, mask_r, offs_m, mask_m, DTYPE)  # (C, BM)
+            v = _tile(V, g, N, D, rows, mask_r, offs_d, mask_d, DTYPE)  # (C, BD)
+            log_scale, c, weights = _chunk_weights(L, Cmax, g, N, rows, mask_r, DTYPE)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * weights  # (C, C)
             carry = tl.exp(tl.minimum(c_prev - c, 0.0))  # (C,): the state's scale brought to each query's, <= 1
             numerator = tl.dot(scores, v, input_precision="ieee") + carry[:, None] * tl.dot(
                 q, kv, input_precision="ieee")  # (C, BD)
             normaliser = tl.sum(scores, 1) + carry * tl.sum(q * ksum[None, :], 1)  # (C,)
             safe = tl.where(tl.abs(normaliser) > 1e-30, normaliser, 1.0)  # a query with no key: output 0
-            tl.store(OUT + g * N * D + rows[:, None] * D + offs_d[None, :], numerator / safe[:, None],
-                     mask=mask_r[:, None] & mask_d[None, :])
+            _store_tile(OUT, numerator / safe[:, None], g, N, D, rows, mask_r, offs_d, mask_d)
             if col_block == 0:
                 tl.store(DEN + g * N + rows, normaliser, mask=mask_r)
-            c_end = tl.max(c, 0)  # c is non-decreasing and padded rows load -1e30: the last real row's
-            decay = tl.exp(c_prev - c_end)
-            k_end = k * tl.exp(log_scale - c_end)[:, None]  # (C, BM): keys at the leaving scale
-            kv = kv * decay + tl.dot(tl.trans(k_end), v, input_precision="ieee")
-            ksum = ksum * decay + tl.sum(k_end, 0)
+            c_end = tl.max(c, 0)  # the last real row's running max
+            kv, ksum = _advance(kv, ksum, k, v, log_scale, c_prev, c_end)
             c_prev = c_end
-        end_ptr = KV_END + g * M * (D + 1)
-        tl.store(end_ptr + offs_m[:, None] * (D + 1) + offs_d[None, :], kv, mask=mask_m[:, None] & mask_d[None, :])
-        if col_block == 0:
-            tl.store(end_ptr + offs_m * (D + 1) + D, ksum, mask=mask_m)
+        _store_state(KV_END, kv, ksum, g, M, D, offs_m, mask_m, offs_d, mask_d, col_block == 0)
 
     @triton.jit
     def _dq_kernel(Q, K, V, L, Cmax, KV0, C0, DNUM, DDEN, DQ, N, M, D,
                    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         """dq_t = sum_{u<=t} w_tu ([dnum_t, dden_t] . [v_u, 1]) k_u; programs over feature-column blocks."""
-        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
+        g = tl.program_id(0).to(tl.int64)
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < M
         mask_d = offs_d < D
-        state_ptr = KV0 + g * M * (D + 1)
-        kv = tl.load(state_ptr + offs_m[:, None] * (D + 1) + offs_d[None, :],
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (BM, D)
-        ksum = tl.load(state_ptr + offs_m * (D + 1) + D, mask=mask_m, other=0.0).to(DTYPE)  # (BM,)
+        kv, ksum = _load_state(KV0, g, M, D, offs_m, mask_m, offs_d, mask_d, DTYPE)  # (BM, D), (BM,)
         c_prev = tl.load(C0 + g).to(DTYPE)
         for start in range(0, N, BLOCK_C):
             rows = start + offs_c
             mask_r = rows < N
-            k = tl.load(K + g * N * M + rows[:, None] * M + offs_m[None, :],
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, BM)
-            v = tl.load(V + g * N * D + rows[:, None] * D + offs_d[None, :],
-                        mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, D)
-            dnum = tl.load(DNUM + g * N * D + rows[:, None] * D + offs_d[None, :],
-                           mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, D)
+            k = _tile(K, g, N, M, rows, mask_r, offs_m, mask_m, DTYPE)  # (C, BM)
+            v = _tile(V, g, N, D, rows, mask_r, offs_d, mask_d, DTYPE)  # (C, D)
+            dnum = _tile(DNUM, g, N, D, rows, mask_r, offs_d, mask_d, DTYPE)  # (C, D)
             dden = tl.load(DDEN + g * N + rows, mask=mask_r, other=0.0).to(DTYPE)  # (C,)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
-            causal = rows[:, None] >= rows[None, :]
-            weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
+            log_scale, c, weights = _chunk_weights(L, Cmax, g, N, rows, mask_r, DTYPE)
             d_scores = (tl.dot(dnum, tl.trans(v), input_precision="ieee") + dden[:, None]) * weights  # (C, C)
             carry = tl.exp(tl.minimum(c_prev - c, 0.0))
             dq = tl.dot(d_scores, k, input_precision="ieee") + carry[:, None] * (
                 tl.dot(dnum, tl.trans(kv), input_precision="ieee") + dden[:, None] * ksum[None, :])  # (C, BM)
-            tl.store(DQ + g * N * M + rows[:, None] * M + offs_m[None, :], dq, mask=mask_r[:, None] & mask_m[None, :])
+            _store_tile(DQ, dq, g, N, M, rows, mask_r, offs_m, mask_m)
             c_end = tl.max(c, 0)
-            decay = tl.exp(c_prev - c_end)
-            k_end = k * tl.exp(log_scale - c_end)[:, None]
-            kv = kv * decay + tl.dot(tl.trans(k_end), v, input_precision="ieee")
-            ksum = ksum * decay + tl.sum(k_end, 0)
+            kv, ksum = _advance(kv, ksum, k, v, log_scale, c_prev, c_end)
             c_prev = c_end
 
     @triton.jit
-    def _dk_kernel(Q, V, L, Cmax, C0, C_END, DNUM, DDEN, GRAD_KV, DK, D_KV0, N, M, D,
+    def _dk_kernel(Q, V, L, Cmax, C0, DNUM, DDEN, GRAD_KV, DK, D_KV0, N, M, D,
                    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         """dk_u = sum_{t>=u} w_tu ([dnum_t, dden_t] . [v_u, 1]) q_t, last chunk first; the gradient of the state
         entering each chunk is carried at that chunk's scale (its factors are <= 1), and leaves as d kv0."""
-        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
+        g = tl.program_id(0).to(tl.int64)
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < M
         mask_d = offs_d < D
-        grad_ptr = GRAD_KV + g * M * (D + 1)
-        d_kv = tl.load(grad_ptr + offs_m[:, None] * (D + 1) + offs_d[None, :],
-                       mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (BM, D), at scale c_end
-        d_ksum = tl.load(grad_ptr + offs_m * (D + 1) + D, mask=mask_m, other=0.0).to(DTYPE)  # (BM,)
+        d_kv, d_ksum = _load_state(GRAD_KV, g, M, D, offs_m, mask_m, offs_d, mask_d, DTYPE)  # at scale c_end
         c0 = tl.load(C0 + g).to(DTYPE)
         n_chunks = tl.cdiv(N, BLOCK_C)
         for i in range(0, n_chunks):
             start = (n_chunks - 1 - i) * BLOCK_C
             rows = start + offs_c
             mask_r = rows < N
-            q = tl.load(Q + g * N * M + rows[:, None] * M + offs_m[None, :],
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, BM)
-            v = tl.load(V + g * N * D + rows[:, None] * D + offs_d[None, :],
-                        mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, D)
-            dnum = tl.load(DNUM + g * N * D + rows[:, None] * D + offs_d[None, :],
-                           mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, D)
+            q = _tile(Q, g, N, M, rows, mask_r, offs_m, mask_m, DTYPE)  # (C, BM)
+            v = _tile(V, g, N, D, rows, mask_r, offs_d, mask_d, DTYPE)  # (C, D)
+            dnum = _tile(DNUM, g, N, D, rows, mask_r, offs_d, mask_d, DTYPE)  # (C, D)
             dden = tl.load(DDEN + g * N + rows, mask=mask_r, other=0.0).to(DTYPE)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+            log_scale, c, weights = _chunk_weights(L, Cmax, g, N, rows, mask_r, DTYPE)
             c_end = tl.max(c, 0)
-            c_before = tl.load(Cmax + g * N + start - 1, mask=start > 0, other=0.0).to(DTYPE)
-            c_before = tl.where(start > 0, c_before, c0)  # the scale of the state entering this chunk
-            causal = rows[:, None] >= rows[None, :]
-            weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
             d_scores = (tl.dot(dnum, tl.trans(v), input_precision="ieee") + dden[:, None]) * weights  # (C, C)
             key_scale = tl.exp(log_scale - c_end)  # (C,) <= 1
             dk = tl.dot(tl.trans(d_scores), q, input_precision="ieee") + key_scale[:, None] * (
                 tl.dot(v, tl.trans(d_kv), input_precision="ieee") + d_ksum[None, :])  # (C, BM)
-            tl.store(DK + g * N * M + rows[:, None] * M + offs_m[None, :], dk, mask=mask_r[:, None] & mask_m[None, :])
-            q_before = q * tl.exp(tl.minimum(c_before - c, 0.0))[:, None]  # (C, BM): queries at the entering scale, <= 1
-            decay = tl.exp(c_before - c_end)
-            d_kv = d_kv * decay + tl.dot(tl.trans(q_before), dnum, input_precision="ieee")
-            d_ksum = d_ksum * decay + tl.sum(q_before * dden[:, None], 0)
-        out_ptr = D_KV0 + g * M * (D + 1)
-        tl.store(out_ptr + offs_m[:, None] * (D + 1) + offs_d[None, :], d_kv, mask=mask_m[:, None] & mask_d[None, :])
-        tl.store(out_ptr + offs_m * (D + 1) + D, d_ksum, mask=mask_m)
+            _store_tile(DK, dk, g, N, M, rows, mask_r, offs_m, mask_m)
+            c_before = _entering_scale(Cmax, c0, g, N, start, DTYPE)
+            d_kv, q_before = _retreat(d_kv, q, dnum, c, c_before, c_end)
+            d_ksum = d_ksum * tl.exp(c_before - c_end) + tl.sum(q_before * dden[:, None], 0)
+        _store_state(D_KV0, d_kv, d_ksum, g, M, D, offs_m, mask_m, offs_d, mask_d, True)
 
     @triton.jit
     def _dv_kernel(Q, K, L, Cmax, C0, DNUM, GRAD_KV, DV, N, M, D,
                    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
         """dv_u = sum_{t>=u} w_tu (q_t . k_u) dnum_t, last chunk first; programs over value-column blocks."""
-        g = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements for large batches
+        g = tl.program_id(0).to(tl.int64)
         offs_c = tl.arange(0, BLOCK_C)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_m = offs_m < M
         mask_d = offs_d < D
-        d_kv = tl.load(GRAD_KV + g * M * (D + 1) + offs_m[:, None] * (D + 1) + offs_d[None, :],
-                       mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (M, BD)
+        d_kv, d_ksum = _load_state(GRAD_KV, g, M, D, offs_m, mask_m, offs_d, mask_d, DTYPE)  # (M, BD); sum unused
         c0 = tl.load(C0 + g).to(DTYPE)
         n_chunks = tl.cdiv(N, BLOCK_C)
         for i in range(0, n_chunks):
             start = (n_chunks - 1 - i) * BLOCK_C
             rows = start + offs_c
             mask_r = rows < N
-            q = tl.load(Q + g * N * M + rows[:, None] * M + offs_m[None, :],
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, M)
-            k = tl.load(K + g * N * M + rows[:, None] * M + offs_m[None, :],
-                        mask=mask_r[:, None] & mask_m[None, :], other=0.0).to(DTYPE)  # (C, M)
-            dnum = tl.load(DNUM + g * N * D + rows[:, None] * D + offs_d[None, :],
-                           mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(DTYPE)  # (C, BD)
-            log_scale = tl.load(L + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
-            c = tl.load(Cmax + g * N + rows, mask=mask_r, other=_NEG).to(DTYPE)
+            q = _tile(Q, g, N, M, rows, mask_r, offs_m, mask_m, DTYPE)  # (C, M)
+            k = _tile(K, g, N, M, rows, mask_r, offs_m, mask_m, DTYPE)  # (C, M)
+            dnum = _tile(DNUM, g, N, D, rows, mask_r, offs_d, mask_d, DTYPE)  # (C, BD)
+            log_scale, c, weights = _chunk_weights(L, Cmax, g, N, rows, mask_r, DTYPE)
             c_end = tl.max(c, 0)
-            c_before = tl.load(Cmax + g * N + start - 1, mask=start > 0, other=0.0).to(DTYPE)
-            c_before = tl.where(start > 0, c_before, c0)
-            causal = rows[:, None] >= rows[None, :]
-            weights = tl.where(causal, tl.exp(tl.minimum(log_scale[None, :] - c[:, None], 0.0)), 0.0)
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * weights  # (C, C): rows t, columns u
             key_scale = tl.exp(log_scale - c_end)
             dv = tl.dot(tl.trans(scores), dnum, input_precision="ieee") + key_scale[:, None] * tl.dot(
                 k, d_kv, input_precision="ieee")  # (C, BD)
-            tl.store(DV + g * N * D + rows[:, None] * D + offs_d[None, :], dv, mask=mask_r[:, None] & mask_d[None, :])
-            q_before = q * tl.exp(tl.minimum(c_before - c, 0.0))[:, None]
-            d_kv = d_kv * tl.exp(c_before - c_end) + tl.dot(tl.trans(q_before), dnum, input_precision="ieee")
+            _store_tile(DV, dv, g, N, D, rows, mask_r, offs_d, mask_d)
+            c_before = _entering_scale(Cmax, c0, g, N, start, DTYPE)
+            d_kv, q_before = _retreat(d_kv, q, dnum, c, c_before, c_end)
 
 
 def _block(size: int, cap: int | None = None) -> int:
@@ -325,14 +333,13 @@ def _backward_impl(grad_out, grad_kv, q, k, v, log_scale, kv0, c0, out, normalis
     d_kv0 = torch.empty(g, m, d + 1, dtype=ct, device=q.device)
     options = _launch_options(q, v, chunk)
     feature_blocks = dict(options, BLOCK_M=_block(m, MAX_COLUMNS))
-    c_end = c3[:, -1].contiguous() if length else c03
     value_blocks = dict(options, BLOCK_D=_block(d, MAX_COLUMNS))
     kv0 = kv0.reshape(g, m, d + 1).to(ct).contiguous()
     with _on_device(q):
         _dq_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
             q3, k3, v3, l3, c3, kv0, c03, d_num, d_den, dq, length, m, d, **feature_blocks, **LAUNCH)
         _dk_kernel[(g, triton.cdiv(m, feature_blocks["BLOCK_M"]))](
-            q3, v3, l3, c3, c03, c_end, d_num, d_den, grad_kv, dk, d_kv0, length, m, d, **feature_blocks, **LAUNCH)
+            q3, v3, l3, c3, c03, d_num, d_den, grad_kv, dk, d_kv0, length, m, d, **feature_blocks, **LAUNCH)
         _dv_kernel[(g, triton.cdiv(d, value_blocks["BLOCK_D"]))](
             q3, k3, l3, c3, c03, d_num, grad_kv, dv, length, m, d, **value_blocks, **LAUNCH)
     return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
