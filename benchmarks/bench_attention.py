@@ -52,6 +52,39 @@ def useful_flops(length: int, features: int = FEATURES, head_dim: int = HEAD_DIM
     return 3 * 4 * length * features * head_dim * HEADS * BATCH
 
 
+def executed_macs(features: int = FEATURES, head_dim: int = HEAD_DIM, chunk: int = 64) -> tuple[int, int]:
+    """Multiply-adds per token and head of the chunked causal op (ops._Block), (forward, backward).
+
+    Forward: chunk k^T v and q times the entering state, m (d+1) each; q k^T, C m; scores times v, C (d+1).
+    Backward, recomputing what it needs: k^T v again, q^T dout and the dq / dk terms through the states, m (d+1)
+    each; k dkv for dv, m d; q k^T again and the dq / dk intra-chunk terms, C m each; dout v^T, C (d+1); dv's
+    intra-chunk term, C d."""
+    m, d, c = features, head_dim, chunk
+    forward = 2 * m * (d + 1) + c * m + c * (d + 1)
+    backward = 4 * m * (d + 1) + m * d + 3 * c * m + c * (d + 1) + c * d
+    return forward, backward
+
+
+def small_bmm_rate(threads: int, features: int = FEATURES, head_dim: int = HEAD_DIM, chunk: int = 64,
+                   batch: int = 512, reps: int = 7) -> float:
+    """FLOP/s of the op's typical product, (X, C, m) @ (X, m, d + 1), at its block size (~2048 tokens x 16)."""
+    import time
+
+    import torch
+
+    from common import set_threads
+
+    set_threads(threads)
+    a, b = torch.randn(batch, chunk, features), torch.randn(batch, features, head_dim + 1)
+    out = torch.bmm(a, b)  # written in place below: the compute rate, not first-touch page faults
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.bmm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * batch * chunk * features * (head_dim + 1) / best
+
+
 # -- worker --------------------------------------------------------------------------------------------------------
 
 
@@ -196,6 +229,7 @@ def main():
 
     rate = max(rate, matmul_rate(opts.threads))  # the machine is shared: keep the best rate seen
     results["matmul_flops"] = rate
+    results["small_bmm_flops"] = small_bmm_rate(opts.threads)
     report = render(results, rate, chunk_length, opts)
     print(report)
     RESULTS.mkdir(exist_ok=True)
@@ -250,6 +284,22 @@ def render(results, rate, chunk_length, opts) -> str:
             headers[4:4] = ["ours+features ms", "SDPA / ours+features"]
             headers.append("ours+features MiB")
         parts += ["", f"## {mode.capitalize()}", "", markdown_table(headers, rows)]
+    forward, backward = executed_macs()
+    useful_fraction = 6 * FEATURES * HEAD_DIM / (forward + backward)  # 12 m d flops = 6 m d multiply-adds
+    bmm = results.get("small_bmm_flops")
+    if bmm:
+        ceiling = 100 * useful_fraction * bmm / rate
+        longest = max((n for n, row in results["causal"].items() if row["ours"] is not None), key=int)
+        reached = 100 * useful_flops(int(longest)) / results["causal"][longest]["ours"]["min_s"] / rate
+        parts += [
+            "", "## What the algorithm can reach (causal, C=64)", "",
+            f"Multiply-adds per token and head: {forward:,} forward + {backward:,} backward (recomputing) = "
+            f"{forward + backward:,}, of which the useful count credits 6 m d = {6 * FEATURES * HEAD_DIM:,}: "
+            f"{100 * useful_fraction:.1f}% at best, if every product ran at the large-matmul rate. The op's "
+            f"products ((X, 64, {FEATURES}) @ (X, {FEATURES}, {HEAD_DIM + 1})) run at {bmm / 1e9:.0f} GFLOP/s here, "
+            f"{100 * bmm / rate:.0f}% of it, so the attainable '% of matmul' is about {ceiling:.0f}%; at "
+            f"N={longest} the op reaches {reached:.0f}%, {100 * reached / ceiling:.0f}% of that ceiling.",
+        ]
     rows = []
     for chunk, result in results["chunk"].items():
         useful = None if result is None else useful_flops(chunk_length) / result["min_s"]
