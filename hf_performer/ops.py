@@ -14,7 +14,7 @@ flows to it, and none is needed, since the scale cancels.
 The recurrent state is one tensor ``kv`` (B, H, m, d + 1): the last column is the normaliser sum_u phi(k_u), kept
 next to sum_u phi(k_u) v_u^T so both come out of the same matmul, plus ``log_scale`` (B, H) for exponential maps.
 
-Three algorithms, one result (``implementation=``):
+Four algorithms, one result (``implementation=``):
   * ``quadratic``: build the kernelised (N, S) attention matrix, as TF ``KernelAttention(is_short_seq=True)``;
     O(N S (m + d)) time, O(N S) memory, cheapest for short inputs and for decoding one token.
   * ``chunked``: causal attention in chunks of C tokens, exact inside a chunk with a masked (C, C) product and a
@@ -215,16 +215,17 @@ def _resolve(implementation: str, *args, **kwargs) -> str:
     return choose_implementation(*args, **kwargs) if implementation == "auto" else implementation
 
 
-def _use_triton(implementation: str, resolved: str, x: Tensor) -> bool:
+def _use_triton(implementation: str, resolved: str, x: Tensor, num_features: int) -> bool:
     """The fused Triton kernels (``triton_ops.py``) run the chunked causal algorithm when asked for, and under
-    ``auto`` for CUDA tensors when Triton is installed; the module (and Triton) is imported only then."""
+    ``auto`` for CUDA tensors when Triton is installed and m features fit the GPU's shared memory; the module (and
+    Triton) is imported only then."""
     if implementation == "triton":
         return True
     if implementation != "auto" or resolved != "chunked" or not x.is_cuda:
         return False
-    from .triton_ops import usable
+    from .triton_ops import fits, usable
 
-    return usable(x)
+    return usable(x) and fits(x, num_features)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -743,9 +744,10 @@ def causal_linear_attention(
 
     ``implementation``: ``chunked`` (O(N C (m + d) + N m d) time, O(N (m + d)) memory, forward and backward; C = 64
     measured fastest on CPU, see benchmarks/bench_attention.py), ``quadratic`` (the masked (N, N) matrix; what
-    decoding one token uses), ``triton`` (the chunked algorithm as fused Triton kernels, ``triton_ops.py``; CUDA) or
-    ``auto`` (the cheaper of chunked and quadratic by ``choose_implementation``, chunked through the Triton kernels on
-    CUDA when Triton is installed). Gradients reach q, k, v and ``initial_state``'s kv; ``k_log_scale`` is treated as a constant (the feature maps detach it).
+    decoding one token uses under ``auto``), ``triton`` (the chunked algorithm as fused Triton kernels,
+    ``triton_ops.py``; CUDA; every call, one-token decoding included) or ``auto`` (the cheaper of chunked and
+    quadratic by ``choose_implementation``, chunked through the Triton kernels on CUDA when Triton is installed and
+    the features fit the GPU's shared memory). Gradients reach q, k, v and ``initial_state``'s kv; ``k_log_scale`` is treated as a constant (the feature maps detach it).
     """
     batch, heads, length, num_features = q.shape
     head_dim = v.shape[-1]
@@ -762,7 +764,7 @@ def causal_linear_attention(
         return _quadratic_attention(q, k, v, causal=True, k_log_scale=k_log_scale, initial_state=initial_state)
     kv0, c0 = initial_state
     chunk = max(1, min(chunk_size, length))
-    if _use_triton(implementation, impl, q):
+    if _use_triton(implementation, impl, q, num_features):
         from .triton_ops import causal_attention as triton_causal_attention
 
         out, kv, c_end = triton_causal_attention(q, k, v, k_log_scale, kv0, c0, chunk_size)
@@ -796,11 +798,12 @@ def causal_exp_attention(
     impl = _resolve(implementation, length, length, projection.shape[0], v.shape[-1], causal=True,
                     chunk_size=chunk_size)
     ct = _compute_dtype(q.dtype)
-    if impl == "quadratic" or length == 0 or _use_triton(implementation, impl, q):
+    use_triton = _use_triton(implementation, impl, q, projection.shape[0])
+    if impl == "quadratic" or length == 0 or use_triton:
         # Features first: the quadratic path and the Triton kernels take them as inputs.
         q_features, _ = ExpProjectionFeatures.apply(q.to(ct), projection.to(ct), norm_coef, logit_offset)
         k_features, k_log_scale = ExpProjectionFeatures.apply(k.to(ct), projection.to(ct), norm_coef, logit_offset)
-        impl = "triton" if impl == "chunked" and _use_triton(implementation, impl, q) else impl
+        impl = "triton" if use_triton else impl
         return causal_linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
                                        initial_state=initial_state, chunk_size=chunk_size, implementation=impl)
     batch, heads = q.shape[:2]

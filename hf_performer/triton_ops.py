@@ -53,6 +53,29 @@ def usable(x: Tensor) -> bool:
     return available() and (x.is_cuda or interpreting())
 
 
+def shared_memory_bytes(num_features: int, dtype: torch.dtype) -> int:
+    """Upper bound on the shared memory one program of the widest kernels (forward, dv) takes: they hold whole
+    (C, m) query and key tiles, so it grows with the feature count m. Fitted to what Triton 3.9 allocates for
+    sm_90 (tests/compile_triton_kernels.py checks the bound): fp32 256 B per feature-tile column, fp64 640 B."""
+    block = max(16, 1 << max(0, num_features - 1).bit_length())  # the kernels' power-of-two feature tile
+    return 640 * block + 16384 if dtype == torch.float64 else 256 * block + 12288
+
+
+def shared_memory_limit(x: Tensor) -> int | None:
+    """Shared memory per block that ``x``'s GPU offers a kernel (opt-in maximum); None off CUDA (interpreter)."""
+    if not x.is_cuda:
+        return None
+    properties = torch.cuda.get_device_properties(x.device)
+    return getattr(properties, "shared_memory_per_block_optin", 0) or 48 * 1024
+
+
+def fits(x: Tensor, num_features: int) -> bool:
+    """Whether m features fit the kernels' tiles on ``x``'s GPU (e.g. m <= 256 on 99 KiB consumer GPUs, m <= 512
+    on A100 / H100 in fp32); ``auto`` falls back to the PyTorch chunked path otherwise."""
+    limit = shared_memory_limit(x)
+    return limit is None or shared_memory_bytes(num_features, _compute_dtype(x.dtype)) <= limit
+
+
 if triton is not None:
     # A jit function may read a global only when it is a constexpr.
     _NEG = tl.constexpr(NEG_LOG_SCALE)
@@ -412,6 +435,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, log_scale: Tensor | None, 
         raise ValueError(
             f"the Triton kernels run on CUDA tensors (got {q.device}); on CPU use implementation='chunked', or set "
             "TRITON_INTERPRET=1 to run them (slowly) in Triton's interpreter"
+        )
+    if not fits(q, q.shape[-1]):
+        raise ValueError(
+            f"{q.shape[-1]} features need about {shared_memory_bytes(q.shape[-1], _compute_dtype(q.dtype)) // 1024} "
+            f"KiB of shared memory per program in the Triton kernels, this GPU offers "
+            f"{shared_memory_limit(q) // 1024} KiB: use implementation='chunked' (or 'auto', which falls back to it), "
+            "or fewer features (nb_features)"
         )
     out, _, kv_end, c_end = _triton_forward(q.contiguous(), k.contiguous(), v.contiguous(), log_scale, kv0, c0,
                                             int(chunk_size))

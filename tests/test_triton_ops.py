@@ -211,7 +211,8 @@ def test_empty_state_from_either_path_feeds_the_kernels():
 
 def test_kernels_compile_for_nvidia_gpus():
     """Code generation and ptxas for sm_80 (A100) and sm_90 (H100), fp32 and fp64, with the package's launch
-    options, and within the A100's shared memory per block (163 KiB): what the interpreter cannot check."""
+    options, within the A100's shared memory per block (163 KiB) at m=128 and within the bound that 'auto' checks
+    against the GPU at every m compiled: what the interpreter cannot check."""
     import json
     import os
     import subprocess
@@ -224,7 +225,22 @@ def test_kernels_compile_for_nvidia_gpus():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 16
+    assert len(rows) == 20
     failures = [row for row in rows if not row["ok"]]
     assert not failures, failures
-    assert max(row["shared"] for row in rows) <= 166912
+    assert max(row["shared"] for row in rows if row["features"] == 128) <= 166912
+    for row in rows:  # the bound 'auto' uses to fall back to the chunked path on smaller GPUs
+        dtype = torch.float64 if row["dtype"] == "fp64" else torch.float32
+        assert row["shared"] <= triton_ops.shared_memory_bytes(row["features"], dtype), row
+
+
+def test_feature_counts_that_do_not_fit_the_gpu_fall_back_or_fail_clearly(monkeypatch):
+    """m=266 (the default for d_head=64) needs a 512-wide feature tile: it fits an H100's 227 KiB of shared memory
+    per block but not a 99 KiB consumer GPU, where 'auto' must take the chunked path and 'triton' must say why."""
+    q, k, v, log_scale = on_device(*features(length=20, m=266, dtype=torch.float32))
+    monkeypatch.setattr(triton_ops, "shared_memory_limit", lambda x: 227 * 1024)
+    assert triton_ops.fits(q, 266)
+    monkeypatch.setattr(triton_ops, "shared_memory_limit", lambda x: 99 * 1024)
+    assert not triton_ops.fits(q, 266) and triton_ops.fits(q, 256)
+    with pytest.raises(ValueError, match="266 features need about .* KiB of shared memory.*offers 99 KiB"):
+        causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
