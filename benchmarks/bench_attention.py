@@ -66,15 +66,18 @@ def executed_macs(features: int = FEATURES, head_dim: int = HEAD_DIM, chunk: int
 
 
 def small_bmm_rate(threads: int, features: int = FEATURES, head_dim: int = HEAD_DIM, chunk: int = 64,
-                   batch: int = 512, reps: int = 7) -> float:
-    """FLOP/s of the op's typical product, (X, C, m) @ (X, m, d + 1), at its block size (~2048 tokens x 16)."""
+                   reps: int = 50) -> float:
+    """FLOP/s of the op's typical product, (X, C, m) @ (X, m, d + 1), at the op's block size (X = BLOCK_TOKENS / C
+    chunks: what one step of its loop multiplies, in cache)."""
     import time
 
     import torch
 
     from common import set_threads
+    from hf_performer import ops
 
     set_threads(threads)
+    batch = ops.BLOCK_TOKENS // chunk
     a, b = torch.randn(batch, chunk, features), torch.randn(batch, features, head_dim + 1)
     out = torch.bmm(a, b)  # written in place below: the compute rate, not first-touch page faults
     best = float("inf")

@@ -504,6 +504,11 @@ class PerformerPreTrainedModel(PreTrainedModel):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() builds a PerformerCache up front (chunked prefill needs one before the first forward)."""
+        other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
+        if model_kwargs.get(other_name) is not None:  # a user's cache under the name this transformers does not use
+            if model_kwargs.get(CACHE_NAME) is not None:
+                raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+            model_kwargs[CACHE_NAME] = model_kwargs.pop(other_name)
         if model_kwargs.get(CACHE_NAME) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.cache_implementation not in (None, "dynamic"):
@@ -663,6 +668,7 @@ class PerformerModel(PerformerPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``cache`` (transformers >= 5.24) and ``past_key_values`` (earlier) name the same PerformerCache."""
+        cache_name = "cache" if cache is not None else "past_key_values"  # as the caller spelled it, for errors
         past_key_values = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -678,14 +684,24 @@ class PerformerModel(PerformerPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if not self.config.causal:
             if past_key_values is not None:
-                raise ValueError(f"{CACHE_NAME} needs causal=True: a bidirectional encoder has no recurrent state")
+                raise ValueError(f"{cache_name} needs causal=True: a bidirectional encoder has no recurrent state")
             use_cache = False
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False  # states are not kept under checkpointing
         if past_key_values is not None and not isinstance(past_key_values, PerformerCache):
             raise TypeError(
-                f"{CACHE_NAME} must be a PerformerCache (or None), got {type(past_key_values).__name__}"
+                f"{cache_name} must be a PerformerCache (or None), got {type(past_key_values).__name__}"
             )
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The backward pass replays every layer: a state read and written in the forward would be applied twice.
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError(
+                    f"activation checkpointing replays each layer in the backward pass, which would apply the state "
+                    f"in {cache_name} a second time: continue from a cache with checkpointing off "
+                    "(model.activation_checkpointing_disable()) or without gradients"
+                )
+            if past_key_values is not None:
+                logger.warning_once(f"activation checkpointing keeps no recurrent state: the empty {cache_name} "
+                                    "passed in is not filled")
+            past_key_values, use_cache = None, False
         if use_cache and past_key_values is None:
             past_key_values = PerformerCache(self.config)
         cache = past_key_values if use_cache or past_key_values is not None else None

@@ -66,6 +66,31 @@ def test_cache_argument_under_either_name_continues_the_sequence(name):
         model(ids[:, :1], cache=PerformerCache(model.config), past_key_values=PerformerCache(model.config))
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generate_continues_from_a_cache_under_either_name(name):
+    model = seeded_lm(seed=21)
+    ids = torch.randint(3, 97, (1, 8))
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    more = model.generate(first.sequences, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                          **{name: first[CACHE_NAME]})
+    assert torch.equal(more, uncached_greedy(model, ids, 10))
+
+
+def test_activation_checkpointing_refuses_a_filled_cache_and_ignores_an_empty_one():
+    """Checkpointing replays each layer in the backward pass: a prefix state would be applied twice."""
+    model = seeded_lm(seed=22).train()
+    model.activation_checkpointing_enable()
+    ids = torch.randint(3, 97, (2, 12))
+    reference = model(ids, labels=ids, use_cache=False).loss
+    out = model(ids, labels=ids, cache=PerformerCache(model.config))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, reference)
+    with torch.no_grad():
+        filled = model(ids[:, :5], use_cache=True)[CACHE_NAME]
+    with pytest.raises(ValueError, match="activation checkpointing replays each layer"):
+        model(ids[:, 5:], labels=ids[:, 5:], cache=filled)
+
+
 def test_cache_memory_is_constant_in_context_length():
     model = seeded_lm()
     sizes = []
