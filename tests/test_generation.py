@@ -67,6 +67,7 @@ def test_cache_argument_under_either_name_continues_the_sequence(name):
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the old name, on purpose
 def test_generate_continues_from_a_cache_under_either_name(name):
     model = seeded_lm(seed=21)
     ids = torch.randint(3, 97, (1, 8))
