@@ -244,3 +244,21 @@ def test_feature_counts_that_do_not_fit_the_gpu_fall_back_or_fail_clearly(monkey
     assert not triton_ops.fits(q, 266) and triton_ops.fits(q, 256)
     with pytest.raises(ValueError, match="266 features need about .* KiB of shared memory.*offers 99 KiB"):
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
+
+
+def test_cuda_benchmark_script_runs_in_the_interpreter():
+    """benchmarks/bench_cuda.py --smoke: the GPU benchmark's code path (inputs, timing, table) on CPU, so the script
+    does not rot before a GPU is at hand."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_cuda.py"), "--smoke", "--methods", "triton", "chunked", "sdpa"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(root)),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| 64 |")]
+    assert len(table) == 1 and "—" not in table[0].split("|")[2:5], done.stdout
