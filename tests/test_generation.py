@@ -66,17 +66,6 @@ def test_cache_argument_under_either_name_continues_the_sequence(name):
         model(ids[:, :1], cache=PerformerCache(model.config), past_key_values=PerformerCache(model.config))
 
 
-@pytest.mark.parametrize("name", ["cache", "past_key_values"])
-@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the old name, on purpose
-def test_generate_continues_from_a_cache_under_either_name(name):
-    model = seeded_lm(seed=21)
-    ids = torch.randint(3, 97, (1, 8))
-    first = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
-    more = model.generate(first.sequences, max_new_tokens=5, do_sample=False, eos_token_id=None,
-                          **{name: first[CACHE_NAME]})
-    assert torch.equal(more, uncached_greedy(model, ids, 10))
-
-
 def test_activation_checkpointing_refuses_a_filled_cache_and_ignores_an_empty_one():
     """Checkpointing replays each layer in the backward pass: a prefix state would be applied twice."""
     model = seeded_lm(seed=22).train()
@@ -213,12 +202,14 @@ def test_prefill_chunk_size_equals_single_prefill():
     assert torch.equal(whole, chunked)
 
 
-def test_continuing_from_a_returned_cache():
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])  # either spelling, whichever transformers uses
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the old name, on purpose
+def test_continuing_from_a_returned_cache(name):
     model = seeded_lm(seed=12)
     ids = torch.randint(3, 97, (1, 8))
     first = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
     more = model.generate(first.sequences, max_new_tokens=5, do_sample=False, eos_token_id=None,
-                          **{CACHE_NAME: first[CACHE_NAME]})
+                          **{name: first[CACHE_NAME]})
     assert torch.equal(more, uncached_greedy(model, ids, 10))
 
 
