@@ -505,10 +505,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() builds a PerformerCache up front (chunked prefill needs one before the first forward)."""
         other_name = "past_key_values" if CACHE_NAME == "cache" else "cache"
-        if model_kwargs.get(other_name) is not None:  # a user's cache under the name this transformers does not use
-            if model_kwargs.get(CACHE_NAME) is not None:
-                raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
-            model_kwargs[CACHE_NAME] = model_kwargs.pop(other_name)
+        if other_name in model_kwargs:  # a user's cache under the name this transformers does not use
+            model_kwargs[CACHE_NAME] = resolve_cache_argument(model_kwargs.pop(other_name), model_kwargs.get(CACHE_NAME))
         if model_kwargs.get(CACHE_NAME) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         if generation_config.cache_implementation not in (None, "dynamic"):
