@@ -66,6 +66,14 @@ def _safe(normaliser: torch.Tensor) -> torch.Tensor:
     return torch.where(normaliser.abs() > 1e-30, normaliser, torch.ones_like(normaliser))
 
 
+def _output_gradients(grad_out: Tensor, out: Tensor, normaliser: Tensor) -> tuple[Tensor, Tensor]:
+    """out = numerator / z: d numerator = dy / z and dz = -(dy . out) / z, 0 where the output was forced to 0.
+    grad_out, out (..., d), normaliser (..., 1) -> (..., d), (..., 1)."""
+    safe = _safe(normaliser)
+    d_normaliser = (grad_out * out).sum(-1, keepdim=True).div_(safe).mul_(normaliser.abs() > 1e-30).neg_()
+    return grad_out / safe, d_normaliser
+
+
 def _normalise(out_aug: torch.Tensor) -> torch.Tensor:
     """Split [numerator | normaliser] and divide."""
     return out_aug[..., :-1] / _safe(out_aug[..., -1:])
@@ -544,9 +552,7 @@ def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, norma
         dy, y = dy3[heads_, start:end].to(ct).reshape(x, chunk, d), y3[heads_, start:end].to(ct).reshape(x, chunk, d)
         z = z3[heads_, start:end].reshape(x, chunk, 1)
         # y = numerator / z: d numerator = dy / z, dz = -(dy . y) / z (0 where the output was forced to 0).
-        safe = _safe(z)
-        d_z = (dy * y).sum(-1, keepdim=True).div_(safe).mul_(z.abs() > 1e-30).neg_()  # (X, C, 1)
-        d_out = torch.cat([dy / safe, d_z], dim=-1)  # (X, C, d+1)
+        d_out = torch.cat(_output_gradients(dy, y, z), dim=-1)  # (X, C, d+1)
         d_out_scaled = d_out if blk.row_scale is None else d_out * blk.row_scale
 
         entering, _ = blk.scan(blk.chunk_kv(), states[heads_, index])  # (X, m, d+1)

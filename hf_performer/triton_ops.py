@@ -29,14 +29,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .ops import NEG_LOG_SCALE, _compute_dtype, _output_gradients
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU installs: ops.py never calls in here without Triton
     triton = None
 
-# Same constant as ops.NEG_LOG_SCALE (kept here so this module needs nothing else from the package).
-NEG_LOG_SCALE = -1e30
 
 
 def available() -> bool:
@@ -53,11 +53,17 @@ def usable(x: Tensor) -> bool:
     return available() and (x.is_cuda or interpreting())
 
 
+def _block(size: int, cap: int | None = None) -> int:
+    """Power-of-two block covering ``size`` (tl.dot needs at least 16), at most ``cap`` when given."""
+    block = max(16, 1 << max(0, size - 1).bit_length())
+    return block if cap is None else min(block, cap)
+
+
 def shared_memory_bytes(num_features: int, dtype: torch.dtype) -> int:
     """Upper bound on the shared memory one program of the widest kernels (forward, dv) takes: they hold whole
     (C, m) query and key tiles, so it grows with the feature count m. Fitted to what Triton 3.9 allocates for
     sm_90 (tests/compile_triton_kernels.py checks the bound): fp32 256 B per feature-tile column, fp64 640 B."""
-    block = max(16, 1 << max(0, num_features - 1).bit_length())  # the kernels' power-of-two feature tile
+    block = _block(num_features)  # the kernels' feature tile
     return 640 * block + 16384 if dtype == torch.float64 else 256 * block + 12288
 
 
@@ -271,10 +277,6 @@ if triton is not None:
             d_kv, q_before = _retreat(d_kv, q, dnum, c, c_before, c_end)
 
 
-def _block(size: int, cap: int | None = None) -> int:
-    """Power-of-two block covering ``size`` (tl.dot needs at least 16), at most ``cap`` when given."""
-    block = max(16, triton.next_power_of_2(size))
-    return block if cap is None else min(block, cap)
 
 
 # Tile caps: a program holds its (C, m) query and key tiles and an (m, 32) slice of the state (or of its gradient),
@@ -293,9 +295,6 @@ def _on_device(x: Tensor):
     """Triton launches on the current CUDA device: make it x's (models split over GPUs, device_map="auto")."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_groups(x: Tensor) -> Tensor:
@@ -343,12 +342,9 @@ def _backward_impl(grad_out, grad_kv, q, k, v, log_scale, kv0, c0, out, normalis
     ct = _compute_dtype(q.dtype)
     q3, k3, v3 = _as_groups(q), _as_groups(k), _as_groups(v)
     l3, c3, c03 = _scales(log_scale, c0, g, length, ct, q.device)
-    # out = numerator / z: d numerator = dy / z, dz = -(dy . out) / z (0 where the output was forced to 0).
-    dy, y, z = _as_groups(grad_out.to(ct)), _as_groups(out.to(ct)), normaliser.reshape(g, length).to(ct)
-    real = z.abs() > 1e-30
-    safe = torch.where(real, z, torch.ones_like(z))
-    d_num = (dy / safe.unsqueeze(-1)).contiguous()  # (G, N, d)
-    d_den = (-(dy * y).sum(-1) / safe * real).contiguous()  # (G, N)
+    dy, y, z = _as_groups(grad_out.to(ct)), _as_groups(out.to(ct)), normaliser.reshape(g, length, 1).to(ct)
+    d_num, d_den = _output_gradients(dy, y, z)  # (G, N, d), (G, N, 1)
+    d_num, d_den = d_num.contiguous(), d_den.squeeze(-1).contiguous()
     grad_kv = grad_kv.reshape(g, m, d + 1).to(ct).contiguous()
     dq = torch.empty(g, length, m, dtype=ct, device=q.device)
     dk = torch.empty_like(dq)

@@ -65,7 +65,7 @@ def main():
             for name, (fn, blocks) in KERNELS.items():
                 print(json.dumps(row(name, fn, blocks, dtype, arch)), flush=True)
     for features, dtype in WIDE:
-        tile = max(16, triton.next_power_of_2(features))
+        tile = triton_ops._block(features)
         for name in ("forward", "dv"):
             fn, blocks = KERNELS[name]
             print(json.dumps(row(name, fn, dict(blocks, BLOCK_M=tile), dtype, 90, features)), flush=True)
