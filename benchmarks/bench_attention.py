@@ -69,23 +69,17 @@ def small_bmm_rate(threads: int, features: int = FEATURES, head_dim: int = HEAD_
                    reps: int = 50) -> float:
     """FLOP/s of the op's typical product, (X, C, m) @ (X, m, d + 1), at the op's block size (X = BLOCK_TOKENS / C
     chunks: what one step of its loop multiplies, in cache)."""
-    import time
-
     import torch
 
-    from common import set_threads
+    from common import best_seconds, set_threads
     from hf_performer import ops
 
     set_threads(threads)
     batch = ops.BLOCK_TOKENS // chunk
     a, b = torch.randn(batch, chunk, features), torch.randn(batch, features, head_dim + 1)
     out = torch.bmm(a, b)  # written in place below: the compute rate, not first-touch page faults
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        torch.bmm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * batch * chunk * features * (head_dim + 1) / best
+    seconds = best_seconds(lambda: torch.bmm(a, b, out=out), reps)
+    return 2 * batch * chunk * features * (head_dim + 1) / seconds
 
 
 # -- worker --------------------------------------------------------------------------------------------------------

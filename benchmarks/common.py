@@ -90,19 +90,24 @@ def measure(step, *, budget_s: float = 6.0, max_reps: int = 5) -> dict:
     return {"growth_bytes": growth, "times": times, "min_s": min(times), "median_s": statistics.median(times)}
 
 
+def best_seconds(fn, reps: int) -> float:
+    """Best wall time of ``fn()`` over ``reps`` calls, after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_rate(threads: int, size: int = 2048, reps: int = 7) -> float:
     """Best fp32 FLOP/s of a (size x size) @ (size x size) matmul."""
     import torch
 
     set_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_seconds(lambda: a @ b, reps)
 
 
 # -- workers -----------------------------------------------------------------------------------------------------
