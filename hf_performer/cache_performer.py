@@ -1,15 +1,17 @@
 """PerformerCache: the recurrent state of a causal Performer, so generation costs O(m d) per token per head.
 
-Per layer it keeps whatever that layer's attention needs to continue where the last forward stopped:
-  * kernel heads: ``kv`` (B, H, m, d + 1) = [sum_u phi(k_u) v_u^T | sum_u phi(k_u)] and, for exponential feature
-    maps, ``log_scale`` (B, H), the running maximum the sums are scaled by (see ``ops.py``);
-  * exact-softmax layers (``feature_map="exact"``): the keys and values seen so far (these grow, by design);
-  * ``extras``: named tensors of other components (local-attention windows, token shift, ...), all batch-first.
-The memory of the kernel state is independent of the context length.
+Each layer keeps typed state (``attention.py``): its global heads' kind state (``KernelState``, the running kernel
+sums of constant size; ``WindowState`` for windowed kinds, or every key for ``feature_map="exact"``), its local
+heads' ``WindowState`` and the last token before each token shift. All tensors are batch-first, so beam search
+reorders them alike.
 
-transformers 5.x traps this class exists to avoid: its default ``DynamicCache`` never hands a linear-attention
-layer its recurrent state, and ``get_seq_length()`` raises when every layer is linear. Performer models therefore
-opt out of the default cache (``_supports_default_dynamic_cache``) and build this one in ``forward``.
+Why a ``Cache`` subclass of our own rather than transformers' layer types: ``LinearAttentionLayer`` keeps recurrent
+tensors and a convolution window along the last dimension, but a Performer layer needs (a) the kernel sums together
+with the running log-scale they are normalised by, (b) windows of keys that carry their positions and padding mask
+(windows are decided by real-token positions, so left-padded rows decode like unpadded ones) and (c) a mix of such
+states in one layer (kernel heads next to local heads). And transformers' default ``DynamicCache`` never hands a
+linear-attention layer its state, while ``get_seq_length()`` raises when every layer is linear. So Performer models
+opt out of the default cache (``_supports_default_dynamic_cache``) and build this one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .attention import WindowState, DecodingState
 
 # transformers 5.24 renamed the cache argument and output field from ``past_key_values`` to ``cache`` (the old name
 # still works there, with a FutureWarning). Models take both names; outputs and generate() get the installed one.
@@ -31,7 +35,9 @@ def resolve_cache_argument(cache, past_key_values):
 
 
 class PerformerCacheLayer:
-    """The state of one layer. All tensors have the batch as their first dimension."""
+    """The state of one layer: ``attention`` (its global heads' state, of the type its attention kind declares),
+    ``local`` (its local heads' window), ``shift_attn`` / ``shift_mlp`` (B, 1, D): the last token seen by each
+    token shift. Each starts as None and is filled by the first forward."""
 
     is_compileable = False
     is_croppable = False
@@ -39,35 +45,31 @@ class PerformerCacheLayer:
     supports_early_init = False
 
     def __init__(self):
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str) -> torch.Tensor | None:
-        return self.tensors.get(name)
-
-    def set(self, name: str, value: torch.Tensor | None) -> None:
-        if value is None:
-            self.tensors.pop(name, None)
-        else:
-            self.tensors[name] = value
-
-    @property
-    def batch_size(self) -> int:
-        return next(iter(self.tensors.values())).shape[0] if self.tensors else -1
-
-    def _apply(self, fn) -> None:
-        self.tensors = {name: fn(tensor) for name, tensor in self.tensors.items()}
+        self.reset()
 
     def reset(self) -> None:
-        self.tensors = {}
+        self.attention: DecodingState | None = None
+        self.local: WindowState | None = None
+        self.shift_attn: torch.Tensor | None = None
+        self.shift_mlp: torch.Tensor | None = None
+
+    def _map_batch(self, fn) -> None:
+        for state in (self.attention, self.local):
+            if state is not None:
+                state.map_batch(fn)
+        if self.shift_attn is not None:
+            self.shift_attn = fn(self.shift_attn)
+        if self.shift_mlp is not None:
+            self.shift_mlp = fn(self.shift_mlp)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply(lambda t: t[indices.to(t.device)])
+        self._map_batch(lambda t: t[indices.to(t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(
@@ -76,10 +78,11 @@ class PerformerCacheLayer:
         )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        total = sum(state.nbytes() for state in (self.attention, self.local) if state is not None)
+        return total + sum(t.numel() * t.element_size() for t in (self.shift_attn, self.shift_mlp) if t is not None)
 
     def __repr__(self) -> str:
-        return f"PerformerCacheLayer({ {k: tuple(v.shape) for k, v in self.tensors.items()} })"
+        return f"PerformerCacheLayer(attention={self.attention!r}, local={self.local!r})"
 
 
 class PerformerCache(Cache):
@@ -94,6 +97,8 @@ class PerformerCache(Cache):
         self.seen_tokens = 0
         # (B,) position of the next token of each sequence (padding does not advance it).
         self.position_offset: torch.Tensor | None = None
+        # Which draw of the random features the state was summed with (``redraw_features`` bumps the model's).
+        self.feature_version: int | None = None
 
     def _apply_to_offset(self, fn) -> None:
         if self.position_offset is not None:
@@ -130,6 +135,7 @@ class PerformerCache(Cache):
         super().reset()
         self.seen_tokens = 0
         self.position_offset = None
+        self.feature_version = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:

@@ -76,18 +76,26 @@ def gaussian_projection(
     """
     if norm_scaling not in ("chi", "sqrt_d"):
         raise ValueError(f"norm_scaling must be 'chi' or 'sqrt_d', got {norm_scaling!r}")
+    # float32 whatever the default dtype (a model built with dtype=float16 sets it): QR has no half kernels on CPU
     if not orthogonal:
-        return torch.randn(num_features, dim, generator=generator)
-    gaussian = torch.randn(math.ceil(num_features / dim), dim, dim, generator=generator)  # (blocks, d, d)
+        return torch.randn(num_features, dim, generator=generator, dtype=torch.float32)
+    gaussian = torch.randn(math.ceil(num_features / dim), dim, dim, generator=generator, dtype=torch.float32)  # (blocks, d, d)
     q, r = torch.linalg.qr(gaussian)  # one batched call: small QRs are dominated by per-call threading overhead
     # Sign fix makes q Haar-distributed (Mezzadri, arXiv math-ph/0609050).
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     directions = q.transpose(-1, -2).reshape(-1, dim)[:num_features]  # (m, d), unit rows
     if norm_scaling == "chi":
-        norms = torch.randn(num_features, dim, generator=generator).norm(dim=1)
+        norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float32).norm(dim=1)
     else:
-        norms = torch.full((num_features,), math.sqrt(dim))
+        norms = torch.full((num_features,), math.sqrt(dim), dtype=torch.float32)
     return directions * norms.unsqueeze(1)
+
+
+def feature_seed(base_seed: int, layer_idx: int, redraw_step: int) -> int:
+    """Seed of one layer's random features: a function of the base seed, the layer and the redraw counter, so every
+    process of a distributed job draws identical projections without communicating, and a projection missing from
+    a checkpoint can be drawn again exactly."""
+    return (base_seed * 1_000_003 + layer_idx * 7_919 + redraw_step * 104_729) % (2**63 - 1)
 
 
 def default_num_features(head_dim: int) -> int:
@@ -236,6 +244,8 @@ class RandomProjectionFeatureMap(FeatureMap):
         num_features: int | None = None,
         orthogonal: bool = True,
         norm_scaling: str = "chi",
+        seed: int | None = None,
+        draw: bool = True,
         **kwargs,
     ):
         super().__init__(head_dim, **kwargs)
@@ -248,8 +258,12 @@ class RandomProjectionFeatureMap(FeatureMap):
         self.num_random_features = num_features
         self.orthogonal = orthogonal
         self.norm_scaling = norm_scaling
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
         self.register_buffer("projection", torch.zeros(num_features, head_dim), persistent=True)
-        self.new_feature_map()
+        if draw:  # models pass draw=False and draw once, in their _init_weights
+            self.reset_parameters()
 
     @property
     def num_features(self) -> int:
@@ -269,6 +283,16 @@ class RandomProjectionFeatureMap(FeatureMap):
         if self.projection.is_meta:
             return  # weights will be loaded from a checkpoint
         self.projection.copy_(self.draw_projection(generator).to(self.projection))
+
+    def initial_projection(self) -> torch.Tensor:
+        """The projection a fresh map has: drawn from ``seed`` (or from the global RNG when it has none)."""
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        return self.draw_projection(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if not self.projection.is_meta:
+            self.projection.copy_(self.initial_projection().to(self.projection))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T in float32: (..., N, d) -> (..., N, m). One (rows, d) @ (d, m) matmul: a batched matmul that
@@ -685,6 +709,29 @@ def register_feature_map(name: str, cls: type[FeatureMap], *, overwrite: bool = 
     if name == EXACT or (name in FEATURE_MAPS and not overwrite):
         raise ValueError(f"feature map {name!r} is already registered (pass overwrite=True to replace it)")
     FEATURE_MAPS[name] = cls
+
+
+def build_feature_map(
+    name: str,
+    head_dim: int,
+    *,
+    num_features: int | None = None,
+    orthogonal: bool = True,
+    norm_scaling: str = "chi",
+    options: dict | None = None,
+    seed: int | None = None,
+    draw: bool = True,
+) -> FeatureMap:
+    """The map registered as ``name`` for heads of ``head_dim``. The random-projection settings apply to maps that
+    have a projection (``options``, the class's own keyword arguments, override them); ``draw=False`` allocates the
+    projection without drawing it (a model draws it from ``seed`` in its ``_init_weights``)."""
+    map_class = get_feature_map_class(name)
+    kwargs = dict(options or {})
+    if issubclass(map_class, RandomProjectionFeatureMap):
+        for key, value in (("num_features", num_features), ("orthogonal", orthogonal), ("norm_scaling", norm_scaling),
+                           ("seed", seed), ("draw", draw)):
+            kwargs.setdefault(key, value)
+    return map_class(head_dim, **kwargs)
 
 
 def available_feature_maps() -> list[str]:

@@ -1,7 +1,8 @@
 """Performer models for Hugging Face Transformers: kernel (linear) attention, arXiv 2009.14794.
 
 Layout follows transformers' Llama: PerformerPreTrainedModel -> PerformerModel -> PerformerForCausalLM /
-PerformerForSequenceClassification. The attention math lives in ``ops.py`` and ``feature_maps.py``.
+PerformerForSequenceClassification. The attention kinds live in ``attention.py`` (over ``ops.py``, ``local_ops.py``
+and ``feature_maps.py``); this file wires them into transformers.
 """
 
 from __future__ import annotations
@@ -20,27 +21,27 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
-from .cache_performer import CACHE_NAME, PerformerCache, resolve_cache_argument
-from .configuration_performer import PerformerConfig
-from .feature_maps import EXACT, FeatureMap, RandomProjectionFeatureMap, get_feature_map_class
-from .local_ops import (
-    masked_softmax_attention,
-    sliding_window_attention,
-    window_reach,
-    windowed_kernel_attention,
+from .attention import (
+    ATTENTION_KINDS,
+    BeginKernelOptions,
+    KernelOptions,
+    LocalOptions,
+    SoftmaxOptions,
+    WindowedKernelOptions,
+    WindowState,
+    attend,
 )
-from .ops import causal_exp_attention, causal_linear_attention, linear_attention
+from .cache_performer import CACHE_NAME, PerformerCache, PerformerCacheLayer, resolve_cache_argument
+from .configuration_performer import PerformerConfig
+from .feature_maps import EXACT, FeatureMap, RandomProjectionFeatureMap, build_feature_map, feature_seed
 
 logger = logging.get_logger(__name__)
-
-
-def feature_seed(base_seed: int, layer_idx: int, redraw_step: int) -> int:
-    """Seed of one layer's random features: a function of the config seed, the layer and the redraw counter, so
-    every process of a distributed job draws identical projections without communicating."""
-    return (base_seed * 1_000_003 + layer_idx * 7_919 + redraw_step * 104_729) % (2**63 - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,22 +85,46 @@ def build_norm(config: PerformerConfig) -> nn.Module:
 
 
 class PerformerRotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoFormer, arXiv 2104.09864), applied to q and k before the feature map."""
+    """Rotary position embedding (RoFormer, arXiv 2104.09864), applied to q and k before the feature map, with
+    transformers' RoPE scaling types (``config.rope_parameters``: linear, dynamic, yarn, longrope, llama3).
+
+    The frequencies stay float32 whatever dtype the model is cast to: ``model.to(torch.bfloat16)`` would otherwise
+    round them, and at 16k tokens the rounded angles are off by radians."""
 
     def __init__(self, config: PerformerConfig):
         super().__init__()
-        self.head_dim = config.head_dim
-        self.base = config.rope_theta
-        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        inv_freq, self.attention_scaling = self.compute_frequencies()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.original_inv_freq = inv_freq  # float32, on the CPU; what .to() and _init_weights restore
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
 
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+    @staticmethod
+    def compute_default_rope_parameters(config: PerformerConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """The RoFormer frequencies theta ** (-2i / d) and no attention scaling."""
+        dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)), 1.0
+
+    def compute_frequencies(self) -> tuple[torch.Tensor, float]:
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, scaling = init_fn(self.config, None)
+        return inv_freq.float(), scaling
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.inv_freq = self.original_inv_freq.to(self.inv_freq.device)  # undo any dtype cast of the frequencies
+        self.max_seq_len_cached = self.original_max_seq_len
+        return result
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids.float().unsqueeze(-1) * self.inv_freq.float()  # (B, N, d/2)
+    @dynamic_rope_update  # rope_type="dynamic": NTK scaling of the frequencies past the trained length
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids.float().unsqueeze(-1) * self.inv_freq.to(x.device, torch.float32)  # (B, N, d/2)
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # (B, 1, N, d)
-        return angles.cos(), angles.sin()
+        if self.attention_scaling == 1.0:
+            return angles.cos(), angles.sin()
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
 
 
 def sinusoidal_table(position_ids: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -147,44 +172,37 @@ class PerformerAxialPositionEmbedding(nn.Module):
 
 
 class PerformerAttention(nn.Module):
-    """Multi-head attention mixing global kernel heads with exact local-window heads.
-
-    The first ``H - local_heads`` heads are global: phi(q) (phi(k)^T v), normalised, with FAVOR+ or another
-    feature map (or exact softmax with ``feature_map="exact"``, or TF's windowed causal kernel attention). The last
-    ``local_heads`` heads are exact softmax over a sliding window of ``local_window_size`` tokens, as in the
-    Performer reference. Causal layers continue from the state kept in ``PerformerCache`` when decoding; padded
-    keys are removed from both the numerator and the normaliser.
-    """
+    """Multi-head attention: the first ``H - local_heads`` heads run the layer's global kind of attention (kernel
+    attention with the configured feature map, or exact softmax, or one of TF KernelAttention's causal variants),
+    the last ``local_heads`` heads exact softmax over a sliding window, as in the Performer reference. The math is in
+    ``attention.py``; this module projects, applies rotary positions, splits the heads and dispatches."""
 
     def __init__(self, config: PerformerConfig, layer_idx: int):
         super().__init__()
-        self.config = config
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_local_heads = config.local_heads(layer_idx)
-        self.num_global_heads = self.num_heads - self.num_local_heads
         self.head_dim = config.head_dim
-        self.causal = config.causal
-        self.scale = config.scale
-        self.chunk_size = config.attention_chunk_size
-        self.window = config.local_window_size
-        hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, hidden, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=config.attention_bias)
-        self.o_proj = nn.Linear(hidden, hidden, bias=config.attention_bias)
+        self.num_local_heads = config.local_heads(layer_idx)
+        self.num_global_heads = config.num_attention_heads - self.num_local_heads
+        # rotary on every head with rotary positions; with local_rotary only on the local heads
+        self.first_rotary_head = 0 if config.position_embedding_type == "rotary" else self.num_global_heads
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.o_proj = nn.Linear(hidden, hidden, bias=bias)
         self.dropout = nn.Dropout(config.attention_dropout)
-        self.is_exact = config.feature_map == EXACT
+        self.kind = global_attention_kind(config)
         self.feature_map: FeatureMap | None = None
-        if not self.is_exact and self.num_global_heads > 0:
-            map_class = get_feature_map_class(config.feature_map)
-            with torch.random.fork_rng(devices=[]):  # the draw below is seeded; leave the global RNG alone
-                self.feature_map = map_class(self.head_dim, **config.feature_map_options())
-            self.redraw_features(feature_seed(config.feature_seed, layer_idx, 0))
-
-    def redraw_features(self, seed: int) -> None:
-        if self.feature_map is not None and self.feature_map.is_random:
-            self.feature_map.new_feature_map(torch.Generator().manual_seed(seed))
+        if self.kind != "softmax" and self.num_global_heads > 0:
+            # allocated here, drawn once from the layer's seed in _init_weights (or loaded from a checkpoint)
+            self.feature_map = build_feature_map(
+                config.feature_map, self.head_dim, num_features=config.num_random_features,
+                orthogonal=config.orthogonal_features, norm_scaling=config.feature_norm_scaling,
+                options=config.feature_map_kwargs, seed=feature_seed(config.feature_seed, layer_idx, 0), draw=False,
+            )
+        self.options = global_attention_options(config, self.feature_map)
+        self.local_options = LocalOptions(causal=config.causal, window=config.local_window_size,
+                                          blocked=config.local_window_type == "blocked")
 
     def forward(
         self,
@@ -192,181 +210,70 @@ class PerformerAttention(nn.Module):
         key_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: PerformerCache | None = None,
+        cache_layer: PerformerCacheLayer | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
+        shape = (batch, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
         if position_embeddings is not None:
-            # rotary on every head with rotary positions; with local_rotary only on the local heads
-            first = 0 if self.config.position_embedding_type == "rotary" else self.num_global_heads
-            q, k = apply_rotary(q, *position_embeddings, first), apply_rotary(k, *position_embeddings, first)
+            q = apply_rotary(q, *position_embeddings, self.first_rotary_head)
+            k = apply_rotary(k, *position_embeddings, self.first_rotary_head)
         if position_ids is None:
             position_ids = torch.arange(length, device=q.device).expand(batch, length)
-        if key_mask is None:
-            key_mask = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-        cache = past_key_values.layer(self.layer_idx) if past_key_values is not None and self.causal else None
-        # Under mixed-precision autocast the feature maps and kernel sums must stay in float32 (exp features and
-        # running sums lose everything in bf16): the attention math runs with autocast off and handles dtypes itself.
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            out = self._attend(q, k, v, key_mask, position_ids, cache)
-        out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, N, H*d)
-        return self.o_proj(self.dropout(out))
-
-    def _attend(self, q, k, v, key_mask, position_ids, cache) -> torch.Tensor:
-        """(B, H, N, d) attention output: global heads first, then local heads."""
         g = self.num_global_heads
         outputs = []
         if g > 0:
-            if self.is_exact:
-                outputs.append(self._exact_attention(q[:, :g], k[:, :g], v[:, :g], key_mask, cache))
-            else:
-                outputs.append(self._kernel_attention(q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, cache))
+            state = None if cache_layer is None else cache_layer.attention or ATTENTION_KINDS[self.kind].state()
+            out, state = attend(self.kind, q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, state, self.options)
+            outputs.append(out)  # (B, g, N, d)
+            if cache_layer is not None:
+                cache_layer.attention = state
         if self.num_local_heads > 0:
-            blocked = self.config.local_window_type == "blocked"
-            outputs.append(self._windowed(
-                "local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, cache,
-                window_reach(self.window, blocked),
-                lambda q_, k_, v_, qp, kp, km: sliding_window_attention(
-                    q_, k_, v_, window=self.window, causal=self.causal, q_positions=qp, k_positions=kp, key_mask=km,
-                    blocked=blocked,
-                ),
-            ))
-        if len(outputs) > 1:
-            return torch.cat([o.to(v.dtype) for o in outputs], dim=1)  # (B, H, N, d)
-        return outputs[0]
+            state = None if cache_layer is None else cache_layer.local or WindowState()
+            out, state = attend("local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, state,
+                                self.local_options)
+            outputs.append(out)  # (B, H - g, N, d)
+            if cache_layer is not None:
+                cache_layer.local = state
+        out = outputs[0] if len(outputs) == 1 else torch.cat([o.to(v.dtype) for o in outputs], dim=1)
+        out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, N, H*d)
+        return self.o_proj(self.dropout(out))
 
-    @staticmethod
-    def _windowed(name, q, k, v, key_mask, position_ids, cache, keep, attend):
-        """Run banded attention over [cached last ``keep`` tokens | new tokens], then keep the new tail.
+    def redraw_features(self, seed: int) -> None:
+        if self.feature_map is not None and self.feature_map.is_random:
+            self.feature_map.new_feature_map(torch.Generator().manual_seed(seed))
 
-        ``q``, ``k``, ``v`` are (B, h, N, *); the cache holds the same tensors for the previous tokens, so memory
-        stays at ``keep`` tokens per layer whatever the context length."""
-        keys = {"k": k, "v": v, "pos": position_ids, "mask": key_mask}
-        if cache is not None:
-            for key, new in keys.items():
-                old = cache.get(f"{name}.{key}")
-                if old is not None:
-                    keys[key] = torch.cat([old, new], dim=2 if new.dim() == 4 else 1)
-            for key, full in keys.items():
-                dim = 2 if full.dim() == 4 else 1
-                total = full.shape[dim]
-                cache.set(f"{name}.{key}", full.narrow(dim, max(0, total - keep), min(total, keep)))
-        return attend(q, keys["k"], keys["v"], position_ids, keys["pos"], keys["mask"])
 
-    def _kernel_attention(self, q, k, v, key_mask, position_ids, cache):
-        config = self.config
-        scale = self.scale
-        if config.scale_by_length:
-            # TF KernelAttention: temperature grows with log(length) to keep the attention entropy steady.
-            count = key_mask.sum(-1).clamp_min(2).float()  # (B,)
-            scale = scale * (torch.log(count) / math.log(512)).sqrt().view(-1, 1, 1, 1)
-        fused = self.feature_map.fused_feature_args() if hasattr(self.feature_map, "fused_feature_args") else None
-        if fused is not None and self.causal and not config.use_causal_windowed:
-            out = self._fused_causal_attention(q, k, v, scale, fused, key_mask, cache)
-            if config.begin_kernel > 0:
-                out = self._begin_with_softmax(q, k, v, out, key_mask, position_ids, cache)
-            return out
-        # masks go in because some maps (favor++, softmax_no_projection) take statistics over the real tokens
-        q_features, k_features, k_log_scale = self.feature_map.attention_features(
-            q * scale, k * scale, key_mask=key_mask, query_mask=key_mask, causal=self.causal
-        )  # (B, h, N, m), (B, h, N, m), (B, h, N) or None
-        if not self.causal:
-            out = linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
-                                   implementation=config.attention_implementation)
-        elif config.use_causal_windowed:
-            out = self._causal_windowed(q_features, k_features, k_log_scale, v, key_mask, position_ids, cache)
-        else:
-            state = None
-            if cache is not None and cache.get("kv") is not None:
-                state = (cache.get("kv"), cache.get("log_scale"))
-            out, (kv, log_scale) = causal_linear_attention(
-                q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask, initial_state=state,
-                chunk_size=self.chunk_size, implementation=config.attention_implementation,
-            )
-            if cache is not None:
-                cache.set("kv", kv)
-                cache.set("log_scale", log_scale)
-        if config.begin_kernel > 0:
-            out = self._begin_with_softmax(q, k, v, out, key_mask, position_ids, cache)
-        return out
+def global_attention_kind(config: PerformerConfig) -> str:
+    """The ``attention.ATTENTION_KINDS`` entry the global heads of every layer run."""
+    if config.feature_map == EXACT:
+        return "softmax"
+    if config.begin_kernel > 0:
+        return "begin_kernel"
+    return "windowed_kernel" if config.use_causal_windowed else "kernel"
 
-    def _fused_causal_attention(self, q, k, v, scale, fused, key_mask, cache):
-        """FAVOR+ and its relatives: features computed inside the chunked op (``ops.causal_exp_attention``), the
-        scale folded into the projection, exp(s x P^T - a s^2 |x|^2 + b)."""
-        state = None
-        if cache is not None and cache.get("kv") is not None:
-            state = (cache.get("kv"), cache.get("log_scale"))
-        if torch.is_tensor(scale):  # scale_by_length: one scale per batch row
-            q, k, scale = q * scale, k * scale, 1.0
-        out, (kv, log_scale) = causal_exp_attention(
-            q, k, v, fused["projection"] * scale, norm_coef=fused["norm_coef"] * scale**2,
-            logit_offset=fused["logit_offset"], key_mask=key_mask, initial_state=state, chunk_size=self.chunk_size,
-            implementation=self.config.attention_implementation,
-        )
-        if cache is not None:
-            cache.set("kv", kv)
-            cache.set("log_scale", log_scale)
-        return out
 
-    def _causal_windowed(self, q_features, k_features, k_log_scale, v, key_mask, position_ids, cache):
-        config = self.config
-        chunk = config.causal_chunk_length
-        if cache is not None and chunk > 1:
-            raise ValueError(
-                f"use_causal_windowed with causal_chunk_length={chunk} attends both ways inside a chunk, so it cannot "
-                "be decoded token by token; use causal_chunk_length=1 for generation (or use_cache=False)"
-            )
-        if config.causal_padding == "left":
-            if cache is not None:
-                raise ValueError("causal_padding='left' aligns chunks to the end of the sequence; it cannot be "
-                                 "combined with a cache")
-            position_ids = position_ids + (-key_mask.sum(-1, keepdim=True)) % chunk
-        log_scale = k_log_scale if k_log_scale is not None else torch.zeros_like(k_features[..., 0])
-        window_tokens = config.causal_window_length * chunk
+def global_attention_options(config: PerformerConfig, feature_map: FeatureMap | None):
+    """The options of ``global_attention_kind(config)``."""
+    if config.feature_map == EXACT:
+        return SoftmaxOptions(causal=config.causal)
+    options = KernelOptions(feature_map, causal=config.causal, qk_scale=config.scale,
+                            chunk_size=config.attention_chunk_size, implementation=config.attention_implementation,
+                            scale_by_length=config.scale_by_length)
+    if config.use_causal_windowed:
+        options = WindowedKernelOptions(options, chunk_length=config.causal_chunk_length,
+                                        window_length=config.causal_window_length, decay=config.causal_window_decay,
+                                        align_end=config.causal_padding == "left")
+    if config.begin_kernel > 0:
+        options = BeginKernelOptions(options, first=config.begin_kernel)
+    return options
 
-        def attend(q_, k_, v_, qp, kp, km):
-            return windowed_kernel_attention(
-                q_, k_[..., :-1], v_, chunk_length=chunk, window_length=config.causal_window_length,
-                q_positions=qp, k_positions=kp, k_log_scale=k_[..., -1] if k_log_scale is not None else None,
-                key_mask=km, decay=config.causal_window_decay,
-            )
 
-        # keys and their log scale travel together through the cache window
-        keys = torch.cat([k_features, log_scale.unsqueeze(-1)], dim=-1)
-        return self._windowed("windowed", q_features, keys, v, key_mask, position_ids, cache, window_tokens - 1,
-                              attend)
-
-    def _begin_with_softmax(self, q, k, v, kernel_out, key_mask, position_ids, cache):
-        """TF KernelAttention's ``begin_kernel``: the first n positions use exact softmax attention."""
-        n = self.config.begin_kernel
-        first = (position_ids < n)[:, None, :, None]  # (B, 1, N, 1)
-        if self.causal:
-            # Causal queries at positions < n see only keys at positions < n: a window of n tokens is exact.
-            exact = self._windowed(
-                "begin", q, k, v, key_mask, position_ids, cache, n - 1,
-                lambda q_, k_, v_, qp, kp, km: sliding_window_attention(
-                    q_, k_, v_, window=n, causal=True, q_positions=qp, k_positions=kp, key_mask=km,
-                    scale=self.head_dim**-0.5,
-                ),
-            )
-        else:
-            exact = self._exact_attention(q, k, v, key_mask, None)
-        return torch.where(first, exact.to(kernel_out.dtype), kernel_out)
-
-    def _exact_attention(self, q, k, v, key_mask, cache):
-        """Plain softmax attention, for A/B comparisons against the kernel that approximates it."""
-        if cache is not None:
-            if cache.get("keys") is not None:
-                k = torch.cat([cache.get("keys"), k], dim=2)
-                v = torch.cat([cache.get("values"), v], dim=2)
-                key_mask = torch.cat([cache.get("key_mask"), key_mask], dim=1)
-            cache.set("keys", k)
-            cache.set("values", v)
-            cache.set("key_mask", key_mask)
-        return masked_softmax_attention(q, k, v, key_mask=key_mask, causal=self.causal)
+def streams(config: PerformerConfig) -> bool:
+    """Whether token-by-token decoding with a cache computes what the full forward computes."""
+    return not config.use_causal_windowed or (config.causal_chunk_length == 1 and config.causal_padding != "left")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,20 +314,17 @@ class PerformerTokenShift(nn.Module):
     """Token shift (performer-pytorch ``shift_tokens``, after RWKV / arXiv 2105.14103 style time mixing): split
     the features into ``len(shifts)`` slices and move slice i by ``shifts[i]`` tokens (1 = take the previous
     token's features), padding with zeros; padded tokens contribute zeros. Causal: shifts (0, 1); bidirectional:
-    (-1, 0, 1). When decoding, the last token of the previous step comes from the cache."""
+    (-1, 0, 1). When decoding, ``previous`` is the last token of the previous step."""
 
-    def __init__(self, config: PerformerConfig, name: str):
+    def __init__(self, config: PerformerConfig):
         super().__init__()
         self.shifts = (0, 1) if config.causal else (-1, 0, 1)
         self.slice = config.hidden_size // len(self.shifts)
-        self.name = name
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, previous: torch.Tensor | None = None):
+        """x (B, N, D) -> (shifted x (B, N, D), its last token (B, 1, D), the ``previous`` of the next call)."""
         if key_mask is not None:
             x = x * key_mask.unsqueeze(-1).to(x.dtype)  # (B, N, D)
-        previous = cache.get(self.name) if cache is not None else None  # (B, 1, D) or None
-        if cache is not None:
-            cache.set(self.name, x[:, -1:])
         pieces = list(x.split(self.slice, dim=-1))
         for i, amount in enumerate(self.shifts):
             piece = pieces[i]
@@ -430,7 +334,7 @@ class PerformerTokenShift(nn.Module):
                 pieces[i] = torch.cat([before, piece[:, :-amount]], dim=1)[:, -piece.shape[1]:]
             elif amount < 0:
                 pieces[i] = torch.cat([piece[:, -amount:], torch.zeros_like(piece[:, :-amount])], dim=1)
-        return torch.cat(pieces, dim=-1)
+        return torch.cat(pieces, dim=-1), x[:, -1:]
 
 
 class PerformerDecoderLayer(GradientCheckpointingLayer):
@@ -449,8 +353,8 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         if self.rezero:
             self.rezero_attn = nn.Parameter(torch.zeros(1))
             self.rezero_mlp = nn.Parameter(torch.zeros(1))
-        self.shift_attn = PerformerTokenShift(config, "shift.attn") if config.shift_tokens else None
-        self.shift_mlp = PerformerTokenShift(config, "shift.mlp") if config.shift_tokens else None
+        self.shift_attn = PerformerTokenShift(config) if config.shift_tokens else None
+        self.shift_mlp = PerformerTokenShift(config) if config.shift_tokens else None
 
     def forward(
         self,
@@ -458,24 +362,22 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         key_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: PerformerCache | None = None,
+        cache_layer: PerformerCacheLayer | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        cache = past_key_values.layer(self.layer_idx) if past_key_values is not None else None
         x = self.attn_norm(hidden_states)
         if self.shift_attn is not None:  # norm, then shift, as performer-pytorch
-            x = self.shift_attn(x, key_mask, cache)
-        attn = self.self_attn(
-            x,
-            key_mask=key_mask,
-            position_ids=position_ids,
-            position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
-        )
+            x, last = self.shift_attn(x, key_mask, cache_layer.shift_attn if cache_layer is not None else None)
+            if cache_layer is not None:
+                cache_layer.shift_attn = last
+        attn = self.self_attn(x, key_mask=key_mask, position_ids=position_ids,
+                              position_embeddings=position_embeddings, cache_layer=cache_layer)
         hidden_states = hidden_states + self.dropout(attn * self.rezero_attn if self.rezero else attn)
         x = self.mlp_norm(hidden_states)
         if self.shift_mlp is not None:
-            x = self.shift_mlp(x, key_mask, cache)
+            x, last = self.shift_mlp(x, key_mask, cache_layer.shift_mlp if cache_layer is not None else None)
+            if cache_layer is not None:
+                cache_layer.shift_mlp = last
         ff = self.mlp(x)
         return hidden_states + self.dropout(ff * self.rezero_mlp if self.rezero else ff)
 
@@ -497,6 +399,7 @@ class PerformerPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     _is_stateful = True  # generate() refuses assisted decoding, which would need to roll the state back
+    _can_record_outputs = {"hidden_states": PerformerDecoderLayer}  # capture_outputs: output_hidden_states
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -514,20 +417,19 @@ class PerformerPreTrainedModel(PreTrainedModel):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: Performer "
                 "models keep a constant-size recurrent PerformerCache (leave cache_implementation unset)"
             )
+        if not streams(self.config):
+            logger.warning_once("this model's windowed attention cannot be decoded token by token; generate() "
+                                "recomputes the whole sequence at every step (no cache)")
+            return None
         model_kwargs[CACHE_NAME] = PerformerCache(self.config)
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, PerformerAttention):
-            if isinstance(module.feature_map, RandomProjectionFeatureMap):
-                seed = feature_seed(self.config.feature_seed, module.layer_idx, 0)
-                init.copy_(
-                    module.feature_map.projection,
-                    module.feature_map.draw_projection(torch.Generator().manual_seed(seed)),
-                )
-        elif isinstance(module, PerformerRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq())
+        if isinstance(module, RandomProjectionFeatureMap):
+            # Drawn from the layer's seed: a projection missing from a checkpoint becomes the one a fresh model has.
+            if not getattr(module.projection, "_is_hf_initialized", False):
+                init.copy_(module.projection, module.initial_projection())
         elif isinstance(module, PerformerScaleNorm):
             init.constant_(module.g, module.hidden_size**0.5)
         elif isinstance(module, PerformerAxialPositionEmbedding):
@@ -574,6 +476,7 @@ class PerformerPreTrainedModel(PreTrainedModel):
             return False
         counter = self.base_model.feature_redraws
         counter += 1
+        self.base_model.feature_version += 1  # caches summed with the old features can no longer be continued
         base = self.config.feature_seed if seed is None else seed
         for layer in self._attention_layers():
             layer.redraw_features(feature_seed(base, layer.layer_idx, int(counter.item())))
@@ -605,6 +508,7 @@ class PerformerModel(PerformerPreTrainedModel):
             config.hidden_size, eps=config.layer_norm_eps
         )
         self.register_buffer("feature_redraws", torch.zeros((), dtype=torch.long), persistent=True)
+        self.feature_version = 0  # bumped by every redraw; a cache remembers the version it was summed with
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -652,6 +556,7 @@ class PerformerModel(PerformerPreTrainedModel):
             return start + attention_mask[:, -length:].long().sum(-1)
         return position_ids[:, -1] + 1
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -660,12 +565,18 @@ class PerformerModel(PerformerPreTrainedModel):
         past_key_values: PerformerCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         cache: PerformerCache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        """``cache`` (transformers >= 5.24) and ``past_key_values`` (earlier) name the same PerformerCache."""
+        r"""
+        input_ids / inputs_embeds: (B, N) token ids or (B, N, D) embeddings, exactly one of them.
+        attention_mask: (B, N) or (B, past + N) 0/1, 1 = real token. Padded keys are removed from every attention's
+            numerator and normaliser, and positions count real tokens only, so a left-padded row computes what it
+            would alone.
+        position_ids: (B, N) or (N,); default: real tokens counted, continuing from the cache.
+        cache / past_key_values: a ``PerformerCache`` to continue from (``cache`` is transformers >= 5.24's name).
+        use_cache: return the cache (default ``config.use_cache``; causal models whose attention streams only).
+        """
         cache_name = "cache" if cache is not None else "past_key_values"  # as the caller spelled it, for errors
         past_key_values = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -675,35 +586,9 @@ class PerformerModel(PerformerPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if not self.config.causal:
-            if past_key_values is not None:
-                raise ValueError(f"{cache_name} needs causal=True: a bidirectional encoder has no recurrent state")
-            use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, PerformerCache):
-            raise TypeError(
-                f"{cache_name} must be a PerformerCache (or None), got {type(past_key_values).__name__}"
-            )
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # The backward pass replays every layer: a state read and written in the forward would be applied twice.
-            if past_key_values is not None and past_key_values.get_seq_length() > 0:
-                raise ValueError(
-                    f"activation checkpointing replays each layer in the backward pass, which would apply the state "
-                    f"in {cache_name} a second time: continue from a cache with checkpointing off "
-                    "(model.activation_checkpointing_disable()) or without gradients"
-                )
-            if past_key_values is not None:
-                logger.warning_once(f"activation checkpointing keeps no recurrent state: the empty {cache_name} "
-                                    "passed in is not filled")
-            past_key_values, use_cache = None, False
-        if use_cache and past_key_values is None:
-            past_key_values = PerformerCache(self.config)
-        cache = past_key_values if use_cache or past_key_values is not None else None
+        cache = self._resolve_cache(past_key_values, use_cache, cache_name)
         past = cache.get_seq_length() if cache is not None else 0
+        return_cache = use_cache if use_cache is not None else self.config.use_cache
 
         key_mask = self._key_mask(attention_mask, batch, length, past)
         if position_ids is None:
@@ -714,42 +599,73 @@ class PerformerModel(PerformerPreTrainedModel):
 
         hidden_states = inputs_embeds
         if self.embed_positions is not None:
-            limit = self.config.max_position_embeddings
-            if int(position_ids.max()) >= limit:
-                raise ValueError(
-                    f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of the "
-                    f"{self.config.position_embedding_type} position embedding; use shorter inputs or a larger "
-                    "max_position_embeddings (or position_embedding_type='rotary', which has no limit)"
-                )
+            self._check_positions(position_ids)
             hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
         if self.config.sinusoidal_position_embedding:
             hidden_states = hidden_states + sinusoidal_table(position_ids, self.config.hidden_size).to(hidden_states.dtype)
         hidden_states = self.embed_dropout(hidden_states)
-        rotary = self.rotary_emb(position_ids) if self.rotary_emb is not None else None
+        rotary = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
 
-        all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             hidden_states = layer(
                 hidden_states,
                 key_mask=key_mask,
                 position_ids=position_ids,
                 position_embeddings=rotary,
-                past_key_values=cache,
+                cache_layer=cache.layers[layer.layer_idx] if cache is not None else None,
             )
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
 
         if cache is not None:
             cache.seen_tokens += length
             cache.position_offset = self._next_position(attention_mask, position_ids, length, cache)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            **{CACHE_NAME: cache if use_cache else None},
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache if return_cache else None})
+
+    def _resolve_cache(self, cache, use_cache, cache_name) -> PerformerCache | None:
+        """The cache this forward reads and fills, or None."""
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if cache is not None and not isinstance(cache, PerformerCache):
+            raise TypeError(f"{cache_name} must be a PerformerCache (or None), got {type(cache).__name__}")
+        if not self.config.causal:
+            if cache is not None:
+                raise ValueError(f"{cache_name} needs causal=True: a bidirectional encoder has no recurrent state")
+            return None
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The backward pass replays every layer: a state read and written in the forward would be applied twice.
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"activation checkpointing replays each layer in the backward pass, which would apply the state "
+                    f"in {cache_name} a second time: continue from a cache with checkpointing off "
+                    "(model.activation_checkpointing_disable()) or without gradients"
+                )
+            if cache is not None:
+                logger.warning_once(f"activation checkpointing keeps no recurrent state: the empty {cache_name} "
+                                    "passed in is not filled")
+            return None
+        if cache is None:
+            if not (use_cache and streams(self.config)):
+                return None  # a model whose attention cannot stream (windowed over chunks) runs whole sequences
+            cache = PerformerCache(self.config)
+        if cache.get_seq_length() == 0:
+            cache.feature_version = self.feature_version
+        elif cache.feature_version != self.feature_version:
+            raise ValueError(
+                f"the random features were redrawn after {cache_name} was filled: its kernel sums belong to the old "
+                "features, so continuing it would mix two different kernels. Start a new cache (re-run the prompt), "
+                "or redraw features only between sequences"
+            )
+        return cache
+
+    def _check_positions(self, position_ids: torch.Tensor) -> None:
+        limit = self.config.max_position_embeddings
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < 0 or high >= limit:
+            raise ValueError(
+                f"position_ids must be in [0, max_position_embeddings={limit}) for the "
+                f"{self.config.position_embedding_type} position embedding, got values in [{low}, {high}]; use "
+                "shorter inputs or a larger max_position_embeddings (or position_embedding_type='rotary', which has "
+                "no limit)"
+            )
 
 
 class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
@@ -786,21 +702,24 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: PerformerCache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        past_key_values = resolve_cache_argument(cache, past_key_values)
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
-        outputs = self.model(
+        r"""
+        labels: (B, N) token ids, unshifted (the loss shifts them; -100 is ignored). Loss options in ``kwargs``
+            (``num_items_in_batch``, ``shift_labels`` for context parallelism, ``ignore_index``) reach
+            ``self.loss_function``.
+        logits_to_keep: compute logits for the last n positions only (0: all), or for the given indices.
+        Other arguments: see ``PerformerModel.forward``.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -808,7 +727,7 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -849,17 +768,18 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutputWithPast:
-        kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(
+        r"""
+        labels: (B,) class indices (cross-entropy), or floats (regression / multi-label, by ``config.problem_type``).
+        Other arguments: see ``PerformerModel.forward``.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            output_hidden_states=output_hidden_states,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, N, D)
@@ -875,7 +795,7 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
         logits = self.score(pooled)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_performer import PerformerForCausalLM, PerformerModel
+from hf_performer import PerformerCache, PerformerForCausalLM, PerformerModel
 from hf_performer.ops import naive_kernel_attention
 
 from conftest import tiny_config
@@ -80,8 +80,8 @@ def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(p, s):
-        cq, sq = rotary(torch.tensor([[p]]))
-        ck, sk = rotary(torch.tensor([[s]]))
+        cq, sq = rotary(q, torch.tensor([[p]]))
+        ck, sk = rotary(k, torch.tensor([[s]]))
         return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum()
 
     torch.testing.assert_close(score(3, 1), score(40, 38))
@@ -148,13 +148,24 @@ def test_windowed_causal_differs_from_global_attention_and_sees_only_its_window(
     torch.testing.assert_close(other[0, 5:], logits[0, 5:])
 
 
-def test_windowed_causal_with_chunks_refuses_token_by_token_decoding():
+def test_windowed_causal_with_chunks_trains_with_the_default_use_cache_but_refuses_a_cache():
     config = tiny_config(use_causal_windowed=True, causal_chunk_length=4, causal_window_length=2)
+    assert config.use_cache  # the default: a plain forward and a training step must not trip over it
     model = seeded(PerformerForCausalLM, config)
-    ids = torch.randint(3, 97, (1, 9))
-    assert model(ids, use_cache=False).logits.shape == (1, 9, 97)
+    ids = torch.randint(3, 97, (2, 9))
+    plain = model(ids, use_cache=False).logits
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, plain)
+    assert out.past_key_values is None  # nothing to continue from: chunks attend both ways inside
     with pytest.raises(ValueError, match="causal_chunk_length=4"):
-        model(ids, use_cache=True)
+        model(ids, past_key_values=PerformerCache(config))
+    # generate() recomputes the whole sequence instead, and agrees with an argmax loop over uncached forwards
+    generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    expected = ids[:1]
+    for _ in range(4):
+        expected = torch.cat([expected, model(expected, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, expected)
 
 
 def test_begin_kernel_positions_equal_exact_softmax():
@@ -331,7 +342,7 @@ def test_local_rotary_rotates_only_the_local_heads():
     ids = torch.randint(3, 97, (1, 6))
     model(ids)
     plain = captured["q"].view(1, 6, 4, 8).transpose(1, 2)
-    cos, sin = model.rotary_emb(torch.arange(6)[None])
+    cos, sin = model.rotary_emb(plain, torch.arange(6)[None])
     from hf_performer.modeling_performer import apply_rotary
 
     rotated = apply_rotary(plain, cos, sin, first_head=2)

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 import hf_performer
 from hf_performer import PerformerConfig, PerformerForCausalLM, PerformerForSequenceClassification, PerformerModel
-from hf_performer import modeling_performer, ops
+from hf_performer import attention, modeling_performer, ops
 from hf_performer.feature_maps import FavorPlusFeatureMap
 
 from conftest import tiny_config
@@ -431,7 +431,7 @@ def test_features_inside_the_op_match_the_feature_map_path(make_config, monkeypa
 
         calls = []
         original = ops.causal_exp_attention
-        monkeypatch.setattr(modeling_performer, "causal_exp_attention",
+        monkeypatch.setattr(attention, "causal_exp_attention",
                             lambda *a, **k: calls.append(1) or original(*a, **k))
         fused_logits, fused_grads = run()
         assert calls, "the fused path was not taken"

@@ -1,0 +1,325 @@
+"""The attention core: every kind of attention a Performer layer runs, behind one signature.
+
+    out, state = ATTENTION_KINDS[kind](q, k, v, key_mask, positions, state, options)
+
+* ``q``, ``k``, ``v``: (B, h, N, d), the heads that use this kind (a layer may mix kernel heads and local heads);
+* ``key_mask``: (B, N) bool, True for real tokens, or None (no padding);
+* ``positions``: (B, N) long, each token's position counting real tokens only (so left padding does not move
+  windows or rotary angles);
+* ``state``: None when nothing is decoded (training, encoders), else the kind's typed decoding state from the
+  previous call (an empty one on the first call); the returned state continues the sequence;
+* ``options``: the kind's frozen settings (``KernelOptions``, ``SoftmaxOptions``, ...).
+
+The functions are plain PyTorch: no config, no cache class, no module. ``PerformerAttention`` (the model),
+``KernelAttention`` (standalone layer) and ``attn_implementation="performer"`` (any transformers model) are thin
+adapters that build the options once and call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .feature_maps import FeatureMap
+from .local_ops import masked_softmax_attention, sliding_window_attention, window_reach, windowed_kernel_attention
+from .ops import causal_exp_attention, causal_linear_attention, linear_attention
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding states: batch-first tensors, so beam search can reorder them all the same way
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DecodingState:
+    """Base of the typed decoding states (dataclasses of batch-first tensors): beam reorder, selection and
+    repetition apply one batch-dimension map to every tensor."""
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, field.name, fn(value))
+            elif isinstance(value, DecodingState):
+                value.map_batch(fn)
+
+    def nbytes(self) -> int:
+        total = 0
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, DecodingState):
+                total += value.nbytes()
+        return total
+
+
+@dataclass
+class KernelState(DecodingState):
+    """Running kernel sums: ``kv`` (B, h, m, d + 1) = [sum_u phi(k_u) v_u^T | sum_u phi(k_u)] and, for exponential
+    feature maps, ``log_scale`` (B, h), the running maximum the sums are scaled by (see ``ops.py``). Constant size."""
+
+    kv: torch.Tensor | None = None
+    log_scale: torch.Tensor | None = None
+
+
+@dataclass
+class WindowState(DecodingState):
+    """The last tokens a banded kind needs (at most its reach): keys (B, h, W, *), values (B, h, W, d), their
+    positions (B, W) and which of them are real (B, W). Exact softmax layers keep every token here (they grow)."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+
+
+@dataclass
+class BeginKernelState(DecodingState):
+    """``begin_kernel``: the state of the kernel kind it wraps, plus the first tokens' exact window."""
+
+    inner: DecodingState | None = None
+    exact: WindowState = dataclasses.field(default_factory=WindowState)
+
+
+def _with_window(state: WindowState | None, keep: int | None, k, v, key_mask, positions):
+    """[cached tokens | new tokens] for a banded kind, and the state holding the last ``keep`` of them (all when
+    ``keep`` is None). Without a state the new tokens alone are returned."""
+    if state is None:
+        return k, v, key_mask, positions, None
+    if state.keys is not None:
+        k = torch.cat([state.keys, k], dim=2)  # (B, h, W + N, *)
+        v = torch.cat([state.values, v], dim=2)
+        key_mask = torch.cat([state.key_mask, key_mask], dim=1)  # (B, W + N)
+        positions = torch.cat([state.positions, positions], dim=1)
+    total = k.shape[2]
+    start = 0 if keep is None else max(0, total - keep)
+    new_state = WindowState(k[:, :, start:], v[:, :, start:], positions[:, start:], key_mask[:, start:])
+    return k, v, key_mask, positions, new_state
+
+
+def _real(key_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if key_mask is not None:
+        return key_mask
+    return torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel attention (FAVOR+ and every other feature map)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """``feature_map`` phi; q and k are each multiplied by ``qk_scale`` first (d ** -0.25 makes FAVOR+ estimate
+    softmax(q k^T / sqrt(d))). ``implementation`` / ``chunk_size``: see ``ops.causal_linear_attention``.
+    ``scale_by_length``: TF KernelAttention's temperature log(n) / log(512) for n real keys (bidirectional)."""
+
+    feature_map: FeatureMap
+    causal: bool
+    qk_scale: float = 1.0
+    chunk_size: int = 64
+    implementation: str = "auto"
+    scale_by_length: bool = False
+
+
+def kernel_attention(q, k, v, key_mask, positions, state: KernelState | None, options: KernelOptions):
+    """phi(q) (phi(k)^T v) / phi(q) (phi(k)^T 1), padded keys removed from both sums; causal layers continue from
+    ``state``. FAVOR+-like maps compute their features inside the chunked causal op (``ops.causal_exp_attention``)."""
+    scale = options.qk_scale
+    if options.scale_by_length:
+        # TF KernelAttention: the temperature grows with log(length) to keep the attention entropy steady.
+        count = (key_mask.sum(-1) if key_mask is not None else torch.full((q.shape[0],), q.shape[2])).clamp_min(2)
+        scale = scale * (torch.log(count.float()) / math.log(512)).sqrt().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    initial = (state.kv, state.log_scale) if state is not None and state.kv is not None else None
+    feature_map = options.feature_map
+    fused = feature_map.fused_feature_args() if options.causal and hasattr(feature_map, "fused_feature_args") else None
+    if fused is not None:
+        if torch.is_tensor(scale):  # one scale per batch row cannot be folded into the projection
+            q, k, scale = q * scale, k * scale, 1.0
+        out, (kv, log_scale) = causal_exp_attention(
+            q, k, v, fused["projection"] * scale, norm_coef=fused["norm_coef"] * scale**2,
+            logit_offset=fused["logit_offset"], key_mask=key_mask, initial_state=initial,
+            chunk_size=options.chunk_size, implementation=options.implementation,
+        )
+        return out, (KernelState(kv, log_scale) if state is not None else None)
+    # masks go in because some maps (favor++, softmax_no_projection) take statistics over the real tokens only
+    q_features, k_features, k_log_scale = feature_map.attention_features(
+        q * scale, k * scale, key_mask=key_mask, query_mask=key_mask, causal=options.causal
+    )  # (B, h, N, m), (B, h, N, m), (B, h, N) or None
+    if not options.causal:
+        out = linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
+                               implementation=options.implementation)
+        return out, None
+    out, (kv, log_scale) = causal_linear_attention(
+        q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask, initial_state=initial,
+        chunk_size=options.chunk_size, implementation=options.implementation,
+    )
+    return out, (KernelState(kv, log_scale) if state is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact softmax attention: global (for A/B comparisons) and local windows (mixed with kernel heads)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoftmaxOptions:
+    """``scale`` multiplies q . k (None: d ** -0.5)."""
+
+    causal: bool
+    scale: float | None = None
+
+
+def softmax_attention(q, k, v, key_mask, positions, state: WindowState | None, options: SoftmaxOptions):
+    """Plain softmax attention through ``scaled_dot_product_attention``; decoding keeps every key (it grows)."""
+    k, v, key_mask, _, state = _with_window(state, None, k, v, _real(key_mask, q), positions)
+    return masked_softmax_attention(q, k, v, key_mask=key_mask, causal=options.causal, scale=options.scale), state
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Exact softmax over ``window`` tokens (``blocked``: the local-attention package's blocks, see
+    ``local_ops.sliding_window_attention``); ``scale`` multiplies q . k (None: d ** -0.5)."""
+
+    causal: bool
+    window: int
+    blocked: bool = False
+    scale: float | None = None
+
+
+def local_attention(q, k, v, key_mask, positions, state: WindowState | None, options: LocalOptions):
+    """Sliding-window softmax at O(N * window); decoding keeps the last ``window_reach`` tokens."""
+    keep = window_reach(options.window, options.blocked)
+    keys, values, mask, key_positions, state = _with_window(state, keep, k, v, _real(key_mask, q), positions)
+    out = sliding_window_attention(q, keys, values, window=options.window, causal=options.causal, q_positions=positions,
+                                   k_positions=key_positions, key_mask=mask, scale=options.scale,
+                                   blocked=options.blocked)
+    return out, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TF KernelAttention's two causal variants
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowedKernelOptions:
+    """``use_causal_windowed``: chunks of ``chunk_length`` tokens see the last ``window_length`` chunks with
+    kernel scores weighted by ``decay ** distance``; ``align_end`` (TF ``causal_padding='left'``) aligns the chunks
+    to the end of each sequence."""
+
+    kernel: KernelOptions
+    chunk_length: int = 1
+    window_length: int = 3
+    decay: float | None = None
+    align_end: bool = False
+
+    @property
+    def streams(self) -> bool:
+        """Token-by-token decoding computes the same numbers only with chunks of one token aligned to the start."""
+        return self.chunk_length == 1 and not self.align_end
+
+
+def windowed_kernel(q, k, v, key_mask, positions, state: WindowState | None, options: WindowedKernelOptions):
+    if state is not None and not options.streams:
+        raise ValueError(
+            f"use_causal_windowed with causal_chunk_length={options.chunk_length}"
+            f"{' and causal_padding=left' if options.align_end else ''} attends within whole chunks, so it cannot be "
+            "decoded token by token; run it without a cache (use_cache=False), or use causal_chunk_length=1"
+        )
+    real = _real(key_mask, q)
+    if options.align_end:
+        positions = positions + (-real.sum(-1, keepdim=True)) % options.chunk_length
+    kernel = options.kernel
+    q_features, k_features, k_log_scale = kernel.feature_map.attention_features(
+        q * kernel.qk_scale, k * kernel.qk_scale, key_mask=key_mask, query_mask=key_mask, causal=True
+    )
+    log_scale = k_log_scale if k_log_scale is not None else torch.zeros_like(k_features[..., 0])
+    # keys and their log scale travel together through the cache window: (B, h, N, m + 1)
+    keys = torch.cat([k_features, log_scale.unsqueeze(-1)], dim=-1)
+    keep = options.window_length * options.chunk_length - 1
+    keys, values, mask, key_positions, state = _with_window(state, keep, keys, v, real, positions)
+    out = windowed_kernel_attention(
+        q_features, keys[..., :-1], values, chunk_length=options.chunk_length, window_length=options.window_length,
+        q_positions=positions, k_positions=key_positions, key_mask=mask, decay=options.decay,
+        k_log_scale=keys[..., -1] if k_log_scale is not None else None,
+    )
+    return out, state
+
+
+@dataclass(frozen=True)
+class BeginKernelOptions:
+    """TF KernelAttention's ``begin_kernel``: queries at the first ``first`` positions use exact softmax (scale
+    ``d ** -0.5``), the others the kernel kind ``inner`` (plain or windowed kernel attention)."""
+
+    inner: KernelOptions | WindowedKernelOptions
+    first: int
+
+
+def begin_kernel(q, k, v, key_mask, positions, state: BeginKernelState | None, options: BeginKernelOptions):
+    windowed = isinstance(options.inner, WindowedKernelOptions)
+    inner_attention, inner_state = (windowed_kernel, WindowState) if windowed else (kernel_attention, KernelState)
+    if state is not None and state.inner is None:
+        state = BeginKernelState(inner_state(), state.exact)
+    out, inner = inner_attention(q, k, v, key_mask, positions, state and state.inner, options.inner)
+    if windowed or options.inner.causal:
+        # Causal queries at positions < n see only keys at positions < n: a window of n tokens is exact.
+        exact, exact_state = local_attention(q, k, v, key_mask, positions, state and state.exact,
+                                             LocalOptions(causal=True, window=options.first))
+    else:
+        exact, exact_state = softmax_attention(q, k, v, key_mask, positions, None, SoftmaxOptions(causal=False))
+    first = (positions < options.first)[:, None, :, None]  # (B, 1, N, 1)
+    out = torch.where(first, exact.to(out.dtype), out)
+    return out, (BeginKernelState(inner, exact_state) if state is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    function: Callable
+    options: type
+    state: type
+
+
+ATTENTION_KINDS: dict[str, AttentionKind] = {
+    "kernel": AttentionKind(kernel_attention, KernelOptions, KernelState),
+    "softmax": AttentionKind(softmax_attention, SoftmaxOptions, WindowState),
+    "local": AttentionKind(local_attention, LocalOptions, WindowState),
+    "windowed_kernel": AttentionKind(windowed_kernel, WindowedKernelOptions, WindowState),
+    "begin_kernel": AttentionKind(begin_kernel, BeginKernelOptions, BeginKernelState),
+}
+
+
+def attend(kind: str, q, k, v, key_mask, positions, state, options):
+    """Run one kind of attention: ``(out (B, h, N, d), state)``. The math runs with autocast off: exponential
+    features and kernel sums lose everything in bf16, so the ops pick their own (float32) accumulation dtypes."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return ATTENTION_KINDS[kind].function(q, k, v, key_mask, positions, state, options)
+
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "AttentionKind",
+    "DecodingState",
+    "BeginKernelOptions",
+    "BeginKernelState",
+    "KernelOptions",
+    "KernelState",
+    "LocalOptions",
+    "SoftmaxOptions",
+    "WindowState",
+    "WindowedKernelOptions",
+    "attend",
+    "begin_kernel",
+    "kernel_attention",
+    "local_attention",
+    "softmax_attention",
+    "windowed_kernel",
+]
