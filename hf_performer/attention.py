@@ -115,7 +115,9 @@ def _real(key_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
 class KernelOptions:
     """``feature_map`` phi; q and k are each multiplied by ``qk_scale`` first (d ** -0.25 makes FAVOR+ estimate
     softmax(q k^T / sqrt(d))). ``implementation`` / ``chunk_size``: see ``ops.causal_linear_attention``.
-    ``scale_by_length``: TF KernelAttention's temperature log(n) / log(512) for n real keys (bidirectional)."""
+    ``scale_by_length``: TF KernelAttention's temperature log(n) / log(512) for n real keys (bidirectional).
+    ``queries_are_keys``: self-attention, so ``key_mask`` also tells maps with sequence statistics (favor++)
+    which queries are real; in cross-attention their statistics take every query."""
 
     feature_map: FeatureMap
     causal: bool
@@ -123,6 +125,7 @@ class KernelOptions:
     chunk_size: int = 64
     implementation: str = "auto"
     scale_by_length: bool = False
+    queries_are_keys: bool = True
 
 
 def kernel_attention(q, k, v, key_mask, positions, state: KernelState | None, options: KernelOptions):
@@ -147,8 +150,9 @@ def kernel_attention(q, k, v, key_mask, positions, state: KernelState | None, op
         return out, (KernelState(kv, log_scale) if state is not None else None)
     # masks go in because some maps (favor++, softmax_no_projection) take statistics over the real tokens only
     q_features, k_features, k_log_scale = feature_map.attention_features(
-        q * scale, k * scale, key_mask=key_mask, query_mask=key_mask, causal=options.causal
-    )  # (B, h, N, m), (B, h, N, m), (B, h, N) or None
+        q * scale, k * scale, key_mask=key_mask, query_mask=key_mask if options.queries_are_keys else None,
+        causal=options.causal,
+    )  # (B, h, N, m), (B, h, S, m), (B, h, S) or None
     if not options.causal:
         out = linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask,
                                implementation=options.implementation)

@@ -58,12 +58,12 @@ from transformers.utils import logging
 from .feature_maps import (
     FEATURE_MAPS,
     FeatureMap,
-    RandomProjectionFeatureMap,
     available_feature_maps,
+    build_feature_map,
     default_num_features,
+    feature_seed,
 )
-from .modeling_performer import feature_seed as layer_feature_seed
-from .ops import causal_linear_attention, linear_attention
+from .attention import KernelOptions, attend
 
 logger = logging.get_logger(__name__)
 
@@ -96,9 +96,11 @@ class PerformerKernel(nn.Module):
 
     def __init__(self, feature_map: FeatureMap, seed: int):
         super().__init__()
-        self.feature_map = feature_map
+        self.feature_map = feature_map  # built with ``seed``: its projection is drawn from it already
         self.seed = seed
-        self.draw()
+        projection = getattr(feature_map, "projection", None)
+        if projection is not None and not projection.is_meta:
+            projection._is_hf_initialized = True  # the host's weight init must not draw it again
 
     @torch.no_grad()
     def draw(self, seed: int | None = None) -> None:
@@ -107,7 +109,7 @@ class PerformerKernel(nn.Module):
         if not self.feature_map.is_random or projection is None or projection.is_meta:
             return
         self.feature_map.new_feature_map(torch.Generator().manual_seed(self.seed if seed is None else seed))
-        projection._is_hf_initialized = True  # the host's weight init must not draw it again
+        projection._is_hf_initialized = True
 
     @property
     def _is_hf_initialized(self) -> bool:
@@ -144,7 +146,7 @@ def _layer_seed(module: nn.Module, config) -> int:
     layer_idx = getattr(module, "layer_idx", None)
     layer_idx = layer_idx if isinstance(layer_idx, int) else 0
     cross = bool(getattr(module, "is_cross_attention", False)) or "Cross" in type(module).__name__
-    return layer_feature_seed(int(_config_value(config, "performer_feature_seed", 0)), layer_idx, int(cross))
+    return feature_seed(int(_config_value(config, "performer_feature_seed", 0)), layer_idx, int(cross))
 
 
 def build_kernel(module: nn.Module, config, head_dim: int) -> PerformerKernel:
@@ -153,14 +155,11 @@ def build_kernel(module: nn.Module, config, head_dim: int) -> PerformerKernel:
     if name not in FEATURE_MAPS:
         choices = [choice for choice in available_feature_maps() if choice in FEATURE_MAPS]
         raise ValueError(f"performer_feature_map must be one of {choices}, got {name!r}")
-    map_class = FEATURE_MAPS[name]
-    options = dict(_config_value(config, "performer_feature_map_kwargs", {}))
-    if issubclass(map_class, RandomProjectionFeatureMap):
-        options.setdefault("num_features", int(_config_value(config, "performer_nb_features",
-                                                             default_num_features(head_dim))))
-    with torch.random.fork_rng(devices=[]):  # the map's own unseeded first draw must not shift the host's init
-        feature_map = map_class(head_dim, **options)
-    return PerformerKernel(feature_map, _layer_seed(module, config))
+    seed = _layer_seed(module, config)
+    nb_features = int(_config_value(config, "performer_nb_features", default_num_features(head_dim)))
+    feature_map = build_feature_map(name, head_dim, num_features=nb_features, seed=seed,
+                                    options=_config_value(config, "performer_feature_map_kwargs", {}))
+    return PerformerKernel(feature_map, seed)
 
 
 _DISPATCHES: dict[type, bool] = {}
@@ -329,15 +328,7 @@ def resolve_mask(mask, is_causal: bool, q_len: int, kv_len: int) -> tuple[torch.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def performer_attention_forward(*args, **kwargs) -> tuple[torch.Tensor, None]:
-    """Kernel attention with the signature of transformers' attention functions: returns ((B, N, H, d), None).
-    Runs with autocast off: exponential features and kernel sums must stay in float32 under bf16/fp16 autocast."""
-    query = kwargs.get("query", args[1] if len(args) > 1 else None)
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        return _performer_attention(*args, **kwargs)
-
-
-def _performer_attention(
+def performer_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -348,7 +339,9 @@ def _performer_attention(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Kernel attention with the signature of transformers' attention functions: returns ((B, N, H, d), None)."""
+    """Kernel attention with the signature of transformers' attention functions: returns ((B, N, H, d), None).
+    The math is ``attention.kernel_attention``, run with autocast off (exponential features and kernel sums must stay
+    in float32 under bf16/fp16 autocast)."""
     for option in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(option) is not None:
             raise ValueError(f"attn_implementation='performer' does not support {option!r}")
@@ -382,21 +375,15 @@ def _performer_attention(
     groups = heads // key.shape[1]
     if groups > 1:  # GQA: every query head gets its key head (maps such as favor++ pair q and k statistics)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    query_mask = key_mask if key_mask is not None and q_len == kv_used else None
-    q_features, k_features, k_log_scale = feature_map.attention_features(
-        query * root_scale, key * root_scale, key_mask=key_mask, query_mask=query_mask, causal=causal
-    )  # (B, H, N, m), (B, H, S, m), (B, H, S) or None
-
-    if not causal or q_len == 1:  # a single causal query at the end sees every key
-        out = linear_attention(q_features, k_features, value, k_log_scale=k_log_scale, key_mask=key_mask)
-    else:
-        offset = kv_used - q_len
-        if offset > 0:  # cached keys before the queries: placeholder queries there, outputs dropped below
-            q_features = nn.functional.pad(q_features, (0, 0, offset, 0))
-        chunk = int(_config_value(getattr(module, "config", None), "performer_chunk_size", DEFAULT_CHUNK_SIZE))
-        out, _ = causal_linear_attention(q_features, k_features, value, k_log_scale=k_log_scale,
-                                         key_mask=key_mask, chunk_size=chunk)
-        out = out[:, :, offset:]  # (B, H, N, d)
+    chunk = int(_config_value(getattr(module, "config", None), "performer_chunk_size", DEFAULT_CHUNK_SIZE))
+    # a single causal query at the end sees every key: the non-causal sum is the same and cheaper
+    options = KernelOptions(feature_map, causal=causal and q_len > 1, qk_scale=root_scale, chunk_size=chunk,
+                            queries_are_keys=q_len == kv_used)
+    offset = kv_used - q_len if options.causal else 0
+    if offset > 0:  # cached keys before the queries: placeholder queries there, outputs dropped below
+        query = nn.functional.pad(query, (0, 0, offset, 0))
+    out, _ = attend("kernel", query, key, value, key_mask, None, None, options)
+    out = out[:, :, offset:]  # (B, H, N, d)
     if dropout > 0.0:
         out = nn.functional.dropout(out, p=dropout, training=module.training)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, N, H, d)

@@ -9,21 +9,22 @@ available by name, plus ``"exact"`` (softmax through ``scaled_dot_product_attent
     cache = {}
     ys = [attn(c, c, cache=cache) for c in x.split(16, dim=1)]   # streaming: the same numbers, O(m d) state
 
-Causal kernel attention keeps a running state (``ops.causal_linear_attention``'s ``initial_state`` / returned
-state) in the ``cache`` dict: ``kv`` (B, H, m, d + 1) and ``log_scale`` (B, H) or None. Its size does not grow with
-the stream, unlike the key/value cache of ``"exact"``.
+The attention itself is ``attention.kernel_attention`` / ``attention.softmax_attention``, the same functions the
+Performer models run. Causal kernel attention keeps its running state in the ``cache`` dict: ``kv`` (B, H, m, d + 1)
+and ``log_scale`` (B, H) or None. Its size does not grow with the stream, unlike the key/value cache of ``"exact"``
+(``keys``, ``values``, ``key_mask``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from .feature_maps import EXACT, RandomProjectionFeatureMap, get_feature_map_class
-from .local_ops import masked_softmax_attention
-from .ops import causal_linear_attention, linear_attention
+from .attention import KernelOptions, KernelState, SoftmaxOptions, WindowState, attend
+from .feature_maps import EXACT, RandomProjectionFeatureMap, build_feature_map, feature_seed, get_feature_map_class
 
 
 def _positive_int(name: str, value) -> int:
@@ -102,18 +103,20 @@ class KernelAttention(nn.Module):
         self.register_buffer("feature_redraws", torch.zeros((), dtype=torch.long), persistent=True)
 
         self.feature_map = None
-        if feature_map != EXACT:
-            map_class = get_feature_map_class(feature_map)  # ValueError naming the allowed maps
-            options = dict(feature_map_kwargs or {})
-            if issubclass(map_class, RandomProjectionFeatureMap):
-                options.setdefault("num_features", num_features)
-                options.setdefault("orthogonal", orthogonal)
-                options.setdefault("norm_scaling", norm_scaling)
-            elif num_features is not None:
+        if feature_map == EXACT:
+            self.options = SoftmaxOptions(causal=causal, scale=self.scale)
+        else:
+            if not issubclass(get_feature_map_class(feature_map), RandomProjectionFeatureMap) and num_features:
                 raise ValueError(f"num_features applies to random-projection maps only, not to {feature_map!r}")
-            self.feature_map = map_class(self.head_dim, **options)
+            self.feature_map = build_feature_map(
+                feature_map, self.head_dim, num_features=num_features, orthogonal=orthogonal,
+                norm_scaling=norm_scaling, options=feature_map_kwargs, seed=feature_seed(seed, 0, 0),
+            )
             self.feature_map.check_causal(causal)
-            self.feature_map.new_feature_map(torch.Generator().manual_seed(seed))
+            # exp(q . k * scale) = exp((root q) . (root k)): q and k each get the square root of the temperature
+            self.options = KernelOptions(self.feature_map, causal=causal, qk_scale=math.sqrt(self.scale),
+                                         chunk_size=chunk_size)
+            self.cross_options = dataclasses.replace(self.options, queries_are_keys=False)
 
     @torch.no_grad()
     def redraw_features(self, seed: int | None = None) -> None:
@@ -122,7 +125,7 @@ class KernelAttention(nn.Module):
             return
         self.feature_redraws += 1
         if seed is None:
-            seed = (self.seed * 1_000_003 + int(self.feature_redraws) * 104_729) % (2**63 - 1)
+            seed = feature_seed(self.seed, 0, int(self.feature_redraws))
         self.feature_map.new_feature_map(torch.Generator().manual_seed(seed))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +150,6 @@ class KernelAttention(nn.Module):
         self-attention (the same tensor as query and key) it defaults to ``attention_mask``.
         """
         key = value if key is None else key
-        if query_mask is None and query is key:
-            query_mask = attention_mask
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             raise ValueError(
                 "query, key and value must be [batch, length, dim]; got shapes "
@@ -175,43 +176,26 @@ class KernelAttention(nn.Module):
         k = self._split_heads(self.k_proj(key))  # (B, H, S, d)
         v = self._split_heads(self.v_proj(value))  # (B, H, S, d)
         if self.feature_map is None:
-            out = self._exact_attention(q, k, v, attention_mask, cache)
+            kind, state = "softmax", None if cache is None else cache.get("state", WindowState())
         else:
-            with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 features and sums
-                out = self._kernel_attention(q, k, v, attention_mask, query_mask, cache)
+            kind, state = "kernel", None if cache is None else KernelState(cache.get("kv"), cache.get("log_scale"))
+        self_attention = query is key
+        if query_mask is not None and not (self_attention and query_mask is attention_mask):
+            raise ValueError("query_mask is only used in self-attention, where it is attention_mask; in "
+                             "cross-attention the statistics of favor++ are taken over every query")
+        options = self.options if self_attention or self.feature_map is None else self.cross_options
+        seen = cache.get("seen_tokens", 0) if cache is not None else 0
+        positions = torch.arange(seen, seen + length, device=q.device).expand(batch, length)  # (B, T)
+        out, state = attend(kind, q, k, v, attention_mask, positions, state, options)
+        if cache is not None:
+            if kind == "kernel":
+                cache["kv"], cache["log_scale"] = state.kv, state.log_scale
+            else:
+                cache["state"] = state
+                cache["keys"], cache["values"], cache["key_mask"] = state.keys, state.values, state.key_mask
+            cache["seen_tokens"] = cache.get("seen_tokens", 0) + length
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)  # (B, T, H*d)
         return self.out_proj(self.dropout(out))
-
-    def _kernel_attention(self, q, k, v, key_mask, query_mask, cache):
-        root = math.sqrt(self.scale)  # split between q and k: exp(q . k * scale) = exp((root q) . (root k))
-        q_features, k_features, k_log_scale = self.feature_map.attention_features(
-            q * root, k * root, key_mask=key_mask, query_mask=query_mask, causal=self.causal
-        )  # (B, H, T, m), (B, H, S, m), (B, H, S) or None
-        if not self.causal:
-            return linear_attention(q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask)
-        state = (cache["kv"], cache["log_scale"]) if cache and cache.get("kv") is not None else None
-        out, (kv, log_scale) = causal_linear_attention(
-            q_features, k_features, v, k_log_scale=k_log_scale, key_mask=key_mask, initial_state=state,
-            chunk_size=self.chunk_size,
-        )
-        if cache is not None:
-            cache["kv"], cache["log_scale"] = kv, log_scale
-            cache["seen_tokens"] = cache.get("seen_tokens", 0) + q.shape[2]
-        return out
-
-    def _exact_attention(self, q, k, v, key_mask, cache):
-        """Softmax attention, for A/B comparisons against the kernel that approximates it."""
-        batch, _, length, _ = q.shape
-        if key_mask is None:
-            key_mask = torch.ones(batch, k.shape[2], dtype=torch.bool, device=q.device)
-        if cache is not None:
-            if cache.get("keys") is not None:
-                k = torch.cat([cache["keys"], k], dim=2)
-                v = torch.cat([cache["values"], v], dim=2)
-                key_mask = torch.cat([cache["key_mask"], key_mask], dim=1)
-            cache["keys"], cache["values"], cache["key_mask"] = k, v, key_mask
-            cache["seen_tokens"] = cache.get("seen_tokens", 0) + length
-        return masked_softmax_attention(q, k, v, key_mask=key_mask, causal=self.causal, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, feature_map={self.feature_map_name!r}, "
