@@ -1,35 +1,192 @@
 """Performer model configuration."""
 
-from __future__ import annotations
-
+import json
 import math
+from typing import Any
 
 import torch
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 from .feature_maps import EXACT, FEATURE_MAPS, RandomProjectionFeatureMap, available_feature_maps, default_num_features
 
 POSITION_EMBEDDING_TYPES = ("rotary", "absolute", "axial", "none")
 NORM_TYPES = ("layernorm", "rmsnorm", "scalenorm", "rezero")
 ATTENTION_IMPLEMENTATIONS = ("auto", "chunked", "quadratic", "triton")
+# keys of rope_parameters that hold numbers (the rest: rope_type str, truncate bool, short/long_factor lists)
+_ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "attention_factor", "beta_fast", "beta_slow",
+                 "mscale", "mscale_all_dim", "low_freq_factor", "high_freq_factor")
 
 
-def _allowed(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
+def rope_types() -> list[str]:
+    """The ``rope_parameters["rope_type"]`` values a PerformerConfig accepts: ``default`` and the scaled types of
+    ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS``."""
+    return ["default", *ROPE_INIT_FUNCTIONS]
 
 
+# -- errors ----------------------------------------------------------------------------------------------------------
+# huggingface_hub's @strict wraps every validator error in StrictDataclassFieldValidationError /
+# StrictDataclassClassValidationError, which are plain Exceptions. PerformerConfig re-raises them as these subclasses,
+# which are also the ValueError / TypeError of the cause, so both `except ValueError` and `except StrictDataclassError`
+# catch them.
+class PerformerConfigFieldValueError(StrictDataclassFieldValidationError, ValueError):
+    pass
+
+
+class PerformerConfigFieldTypeError(StrictDataclassFieldValidationError, TypeError):
+    pass
+
+
+class PerformerConfigValueError(StrictDataclassClassValidationError, ValueError):
+    pass
+
+
+class PerformerConfigTypeError(StrictDataclassClassValidationError, TypeError):
+    pass
+
+
+def _builtin_errors(cls):
+    """Make the strict field and class validation errors of ``cls`` ValueError / TypeError (as their cause)."""
+    strict_setattr = cls.__setattr__
+
+    def __setattr__(self, name, value):
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            cause = error.__cause__
+            kind = PerformerConfigFieldTypeError if isinstance(cause, TypeError) else PerformerConfigFieldValueError
+            raise kind(field=name, cause=cause) from cause
+
+    def validate(self) -> None:
+        for validator in type(self).__class_validators__:  # as @strict's validate, with these errors
+            try:
+                validator(self)
+            except (ValueError, TypeError) as cause:
+                kind = PerformerConfigTypeError if isinstance(cause, TypeError) else PerformerConfigValueError
+                raise kind(validator=validator.__name__, cause=cause) from cause
+
+    validate.__is_defined_by_strict_decorator__ = True  # a subclass may apply @strict again
+    cls.__setattr__, cls.validate = __setattr__, validate
+    return cls
+
+
+# -- field validators (run by @strict on every assignment, after the type check of the annotation) -------------------
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(low=None, high=None, *, low_open=False, high_open=False, finite=True):
+    """A validator: None, or a number in the interval (NaN always fails; inf fails when ``finite``)."""
+    interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}" \
+               f"{')' if high_open or high is None else ']'}"
+
+    def check(value):
+        if value is None:
+            return
+        if math.isnan(value) or (finite and math.isinf(value)):
+            raise ValueError(f"must be a finite number in {interval}, got {value!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise ValueError(f"must be in {interval}, got {value!r}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise ValueError(f"must be in {interval}, got {value!r}")
+
+    return check
+
+
+def _int_at_least(low: int):
+    def check(value):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and item < low:
+                raise ValueError(f"must be {'a positive int' if low == 1 else f'an int >= {low}'}, got {value!r}")
+
+    return check
+
+
+def _one_of(choices):
+    def check(value):
+        allowed = choices() if callable(choices) else choices
+        if value not in allowed:
+            raise ValueError(f"must be one of {list(allowed)}, got {value!r}")
+
+    return check
+
+
+def _check_feature_map(value):
+    if value != EXACT and value not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {available_feature_maps()}, got {value!r}")
+
+
+def _check_json(value):
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"must be JSON-serialisable (it is saved in config.json): {error}") from None
+
+
+def _check_rope_parameters(value):
+    """Types and ranges of the entries; the keys each rope_type needs are checked by transformers' validate_rope."""
+    if value is None:
+        return
+    if "rope_type" in value or "type" in value:
+        rope_type = value.get("rope_type", value.get("type"))
+        if rope_type not in rope_types():
+            raise ValueError(f"rope_parameters['rope_type'] must be one of {rope_types()}, got {rope_type!r}")
+    for key in _ROPE_NUMBERS:
+        entry = value.get(key)
+        if entry is not None and not _is_number(entry):
+            raise TypeError(f"rope_parameters[{key!r}] must be a number, got {type(entry).__name__} {entry!r}")
+    checks = {
+        "rope_theta": _number(0, low_open=True),
+        "factor": _number(1),
+        "partial_rotary_factor": _number(0, 1, low_open=True),
+        "attention_factor": _number(0, low_open=True),
+        "beta_fast": _number(),
+        "beta_slow": _number(),
+        "mscale": _number(),
+        "mscale_all_dim": _number(),
+        "low_freq_factor": _number(0, low_open=True),
+        "high_freq_factor": _number(0, low_open=True),
+    }
+    for key, check in checks.items():
+        try:
+            check(value.get(key))
+        except ValueError as error:
+            raise ValueError(f"rope_parameters[{key!r}] {error}") from None
+    original = value.get("original_max_position_embeddings")
+    if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original < 1):
+        raise ValueError(f"rope_parameters['original_max_position_embeddings'] must be a positive int, got {original!r}")
+    if value.get("truncate") is not None and not isinstance(value["truncate"], bool):
+        raise TypeError(f"rope_parameters['truncate'] must be a bool, got {value['truncate']!r}")
+    for key in ("short_factor", "long_factor"):
+        factors = value.get(key)
+        if factors is not None and not (
+            isinstance(factors, list) and all(_is_number(x) and math.isfinite(x) and x > 0 for x in factors)
+        ):
+            raise ValueError(f"rope_parameters[{key!r}] must be a list of positive finite numbers, got {factors!r}")
+
+
+def _field(default, *validators):
+    return validated_field(list(validators), default=default)
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+_DROPOUT = _number(0, 1, high_open=True)
+
+
+@_builtin_errors
 @strict
 class PerformerConfig(PreTrainedConfig):
     r"""Configuration of a Performer (kernel attention) transformer.
 
     Sizes and block:
         vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size (default
-        ``ff_mult * hidden_size``), hidden_act, ff_glu (gated feed-forward, arXiv 2002.05202), ff_chunks (split the
-        feed-forward over the sequence to cut activation memory), norm_type (``layernorm``, ``rmsnorm``,
-        ``scalenorm`` arXiv 1910.05895, ``rezero`` arXiv 2003.04887), layer_norm_eps, attention_bias, mlp_bias,
-        dropouts, initializer_range, tie_word_embeddings.
+        ``ff_mult * hidden_size``), hidden_act (a key of ``transformers.activations.ACT2FN``), ff_glu (gated
+        feed-forward, arXiv 2002.05202), ff_chunks (split the feed-forward over the sequence to cut activation
+        memory), norm_type (``layernorm``, ``rmsnorm``, ``scalenorm`` arXiv 1910.05895, ``rezero`` arXiv 2003.04887),
+        layer_norm_eps, attention_bias, mlp_bias, dropouts, initializer_range, tie_word_embeddings.
 
     Attention:
         causal: decoder (True) or bidirectional encoder (False).
@@ -38,7 +195,8 @@ class PerformerConfig(PreTrainedConfig):
         nb_features: number of random features m; default ``int(d_head * ln d_head)`` as in the reference Performer.
         orthogonal_features / feature_norm_scaling: orthogonal (block-QR) or iid projections, rows scaled by
             chi-distributed norms (``chi``) or sqrt(d) (``sqrt_d``).
-        feature_map_kwargs: extra keyword arguments of the feature map class (JSON-serialisable).
+        feature_map_kwargs: extra keyword arguments of the feature map class (JSON-serialisable). They are checked
+            at construction by building the map on the meta device, which draws nothing.
         feature_redraw_interval: optimizer steps between redraws of the random features (used by
             ``PerformerFeatureRedrawCallback``); 0 or None: never redraw.
         feature_seed: seed of the random features (with the layer index and the redraw counter).
@@ -69,62 +227,79 @@ class PerformerConfig(PreTrainedConfig):
             ``axial`` (Reformer's factorised embedding, ``axial_pos_shape`` with product ``max_position_embeddings``
             and ``axial_pos_embds_dim`` summing to ``hidden_size``) or ``none``. sinusoidal_position_embedding adds
             a fixed [sin | cos] table to the token embeddings on top of that (performer-pytorch's rotary models).
+        rope_parameters: the rotary embedding as in transformers' RoPE configs (``RopeParameters``): a dict with
+            ``rope_type`` (``default`` or a scaled type: ``linear`` and ``dynamic`` need ``factor``; ``yarn``
+            ``factor`` and optionally ``original_max_position_embeddings`` (default ``max_position_embeddings``),
+            ``attention_factor``, ``beta_fast``, ``beta_slow``, ``mscale``, ``mscale_all_dim``, ``truncate``;
+            ``longrope`` ``short_factor`` and ``long_factor`` (``rotary dim / 2`` numbers each) and ``factor`` or
+            ``original_max_position_embeddings``; ``llama3`` ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+            ``original_max_position_embeddings``), ``rope_theta`` and optionally ``partial_rotary_factor`` (the
+            fraction of the head dim that is rotated). Checked by transformers' ``validate_rope`` and here.
+        rope_theta: the RoPE base (default 10000). Kept for configs saved before ``rope_parameters``: a config with
+            only ``rope_theta`` means ``{"rope_type": "default", "rope_theta": rope_theta}``; given both, they must
+            agree. After construction it always equals ``rope_parameters["rope_theta"]``.
 
     Head: lm_head_bias gives the untied output layer a bias (performer-pytorch's ``to_out``).
+
+    Every field is checked at construction (and on assignment) against its type and range: bool fields take real
+    bools only (not 0/1 or strings such as ``"false"``), int fields reject bools and floats, float fields reject
+    strings, NaN and inf. Errors are ``TypeError`` (wrong type) or ``ValueError`` (out of range, or inconsistent
+    fields) whose message names the field; they also subclass huggingface_hub's ``StrictDataclassError``.
     """
 
     model_type = "performer"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 8
-    intermediate_size: int | None = None
-    ff_mult: int = 4
+    vocab_size: int = _field(32000, _POSITIVE)
+    hidden_size: int = _field(512, _POSITIVE)
+    num_hidden_layers: int = _field(6, _POSITIVE)
+    num_attention_heads: int = _field(8, _POSITIVE)
+    intermediate_size: int | None = _field(None, _POSITIVE)
+    ff_mult: int = _field(4, _POSITIVE)
     ff_glu: bool = False
-    ff_chunks: int = 1
-    hidden_act: str = "gelu"
-    norm_type: str = "layernorm"
-    layer_norm_eps: float = 1e-5
+    ff_chunks: int = _field(1, _POSITIVE)
+    hidden_act: str = _field("gelu", _one_of(lambda: sorted(ACT2FN)))
+    norm_type: str = _field("layernorm", _one_of(NORM_TYPES))
+    layer_norm_eps: int | float = _field(1e-5, _number(0))
     attention_bias: bool = False
     mlp_bias: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    embedding_dropout: float = 0.0
-    initializer_range: float = 0.02
+    hidden_dropout: int | float = _field(0.0, _DROPOUT)
+    attention_dropout: int | float = _field(0.0, _DROPOUT)
+    embedding_dropout: int | float = _field(0.0, _DROPOUT)
+    initializer_range: int | float = _field(0.02, _number(0))
 
     causal: bool = True
-    feature_map: str = "favor+"
-    nb_features: int | None = None
+    feature_map: str = _field("favor+", _check_feature_map)
+    nb_features: int | None = _field(None, _POSITIVE)
     orthogonal_features: bool = True
-    feature_norm_scaling: str = "chi"
-    feature_map_kwargs: dict | None = None
-    feature_redraw_interval: int | None = 1000
+    feature_norm_scaling: str = _field("chi", _one_of(("chi", "sqrt_d")))
+    feature_map_kwargs: dict[str, Any] | None = _field(None, _check_json)
+    feature_redraw_interval: int | None = _field(1000, _NON_NEGATIVE)
     feature_seed: int = 0
-    attention_scale: float | None = None
-    attention_chunk_size: int = 64
-    attention_implementation: str = "auto"
+    attention_scale: int | float | None = _field(None, _number(0, low_open=True))
+    attention_chunk_size: int = _field(64, _POSITIVE)
+    attention_implementation: str = _field("auto", _one_of(ATTENTION_IMPLEMENTATIONS))
 
-    local_attn_heads: int | list[int] = 0
-    local_window_size: int = 256
-    local_window_type: str = "sliding"
+    local_attn_heads: int | list[int] | tuple[int, ...] = _field(0, _NON_NEGATIVE)
+    local_window_size: int = _field(256, _POSITIVE)
+    local_window_type: str = _field("sliding", _one_of(("sliding", "blocked")))
     local_rotary: bool = False
     shift_tokens: bool = False
-    begin_kernel: int = 0
+    begin_kernel: int = _field(0, _NON_NEGATIVE)
     scale_by_length: bool = False
     use_causal_windowed: bool = False
-    causal_chunk_length: int = 1
-    causal_window_length: int = 3
-    causal_window_decay: float | None = None
-    causal_padding: str | None = None
+    causal_chunk_length: int = _field(1, _POSITIVE)
+    causal_window_length: int = _field(3, _POSITIVE)
+    causal_window_decay: int | float | None = _field(None, _number(0, 1, low_open=True))
+    causal_padding: str | None = _field(None, _one_of((None, "left", "right")))
 
-    position_embedding_type: str = "rotary"
+    position_embedding_type: str = _field("rotary", _one_of(POSITION_EMBEDDING_TYPES))
     sinusoidal_position_embedding: bool = False
-    max_position_embeddings: int = 8192
-    rope_theta: float = 10000.0
-    axial_pos_shape: list[int] | tuple[int, ...] | None = None
-    axial_pos_embds_dim: list[int] | tuple[int, ...] | None = None
+    max_position_embeddings: int = _field(8192, _POSITIVE)
+    rope_parameters: RopeParameters | dict | None = _field(None, _check_rope_parameters)
+    rope_theta: int | float | None = _field(None, _number(0, low_open=True))
+    axial_pos_shape: list[int] | tuple[int, ...] | None = _field(None, _POSITIVE)
+    axial_pos_embds_dim: list[int] | tuple[int, ...] | None = _field(None, _POSITIVE)
 
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -138,12 +313,31 @@ class PerformerConfig(PreTrainedConfig):
             self.intermediate_size = self.ff_mult * self.hidden_size
         if self.feature_map_kwargs is None:
             self.feature_map_kwargs = {}
-        if self.axial_pos_shape is not None:
-            self.axial_pos_shape = list(self.axial_pos_shape)
-        if self.axial_pos_embds_dim is not None:
-            self.axial_pos_embds_dim = list(self.axial_pos_embds_dim)
-        super().__post_init__(**kwargs)
-        self._check_fields()
+        for name in ("local_attn_heads", "axial_pos_shape", "axial_pos_embds_dim"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        self._merge_rope_theta(kwargs)
+        super().__post_init__(**kwargs)  # standardizes rope_parameters (transformers' RotaryEmbeddingConfigMixin)
+
+    def _merge_rope_theta(self, kwargs: dict) -> None:
+        """rope_parameters from rope_parameters (or the legacy rope_scaling) and rope_theta, before transformers
+        standardizes it: an old config with only rope_theta means the default RoPE with that base."""
+        legacy = kwargs.pop("rope_scaling", None)
+        if legacy is not None:
+            if self.rope_parameters is not None and self.rope_parameters != legacy:
+                raise ValueError(f"rope_scaling {legacy!r} and rope_parameters {self.rope_parameters!r} disagree; "
+                                 "give only rope_parameters")
+            self.rope_parameters = legacy
+        parameters = dict(self.rope_parameters or {})  # a copy: transformers fills it in place
+        given = parameters.get("rope_theta")
+        if given is not None and self.rope_theta is not None and given != self.rope_theta:
+            raise ValueError(f"rope_theta={self.rope_theta!r} and rope_parameters['rope_theta']={given!r} disagree; "
+                             "give one of them (rope_parameters is preferred)")
+        if given is None:
+            parameters["rope_theta"] = self.default_theta if self.rope_theta is None else self.rope_theta
+        parameters.setdefault("rope_type", parameters.pop("type", "default"))
+        self.rope_parameters = parameters
+        self.rope_theta = parameters["rope_theta"]
 
     # -- derived values ------------------------------------------------------------------------------------------
     @property
@@ -155,89 +349,37 @@ class PerformerConfig(PreTrainedConfig):
         return default_num_features(self.head_dim) if self.nb_features is None else self.nb_features
 
     @property
-    def scale(self) -> float:
+    def qk_scale(self) -> float:
+        """What q and k are each multiplied by before the feature map (``attention_scale``, default d ** -0.25)."""
         return self.head_dim**-0.25 if self.attention_scale is None else self.attention_scale
 
-    # -- validation (run at construction, plain ValueError / TypeError naming the field) ---------------------------
-    def _check_fields(self):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "ff_mult", "ff_chunks", "attention_chunk_size", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-            if value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.nb_features is not None and (not isinstance(self.nb_features, int) or isinstance(self.nb_features, bool)):
-            raise TypeError(f"nb_features must be an int or None, got {type(self.nb_features).__name__}")
-        if not isinstance(self.feature_map, str):
-            raise TypeError(f"feature_map must be a str, got {type(self.feature_map).__name__}")
-        if not isinstance(self.feature_map_kwargs, dict):
-            raise TypeError(f"feature_map_kwargs must be a dict, got {type(self.feature_map_kwargs).__name__}")
+    # -- class validators (run by @strict after construction and by save_pretrained; ValueError naming the fields) --
+    def validate_architecture(self):
+        super().validate_architecture()
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        for name in ("hidden_dropout", "attention_dropout", "embedding_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.feature_map != EXACT and self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {available_feature_maps()}, got {self.feature_map!r}")
-        if self.nb_features is not None and self.nb_features <= 0:
-            raise ValueError(f"nb_features must be a positive integer (or None for the default), got {self.nb_features}")
-        _allowed("feature_norm_scaling", self.feature_norm_scaling, ("chi", "sqrt_d"))
-        if self.feature_redraw_interval is not None and self.feature_redraw_interval < 0:
-            raise ValueError(f"feature_redraw_interval must be >= 0 or None, got {self.feature_redraw_interval}")
-        if self.attention_scale is not None and not (self.attention_scale > 0 and math.isfinite(self.attention_scale)):
-            raise ValueError(f"attention_scale must be a positive number or None, got {self.attention_scale}")
-        _allowed("attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
-        _allowed("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
-        _allowed("norm_type", self.norm_type, NORM_TYPES)
         if self.position_embedding_type == "rotary" and self.head_dim % 2:
             raise ValueError(f"position_embedding_type='rotary' needs an even head dim, got {self.head_dim}")
-        if self.position_embedding_type == "axial":
-            self._validate_axial()
-        self._check_architecture_options()
-        if self.feature_map != EXACT:
-            map_class = FEATURE_MAPS[self.feature_map]
-            if self.causal and not map_class.supports_causal:
-                raise ValueError(
-                    f"feature_map={self.feature_map!r} uses statistics of the whole sequence and cannot be causal; "
-                    "use it with causal=False or pick a causal map such as 'favor+'"
-                )
-            try:
-                with torch.random.fork_rng(devices=[]):  # a trial construction must not move the global RNG
-                    map_class(self.head_dim, **self.feature_map_options())
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"feature_map_kwargs {self.feature_map_kwargs!r} are invalid for "
-                                 f"feature_map={self.feature_map!r}: {error}") from error
-
-    def _check_architecture_options(self):
-        heads = self.local_attn_heads
-        if isinstance(heads, (list, tuple)):
-            if len(heads) != self.num_hidden_layers:
-                raise ValueError(
-                    f"local_attn_heads has {len(heads)} entries; give one per layer ({self.num_hidden_layers}) or an int"
-                )
-            self.local_attn_heads = list(heads)
-        for count in (self.local_attn_heads if isinstance(self.local_attn_heads, list) else [self.local_attn_heads]):
-            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= self.num_attention_heads:
-                raise ValueError(
-                    f"local_attn_heads must be ints in [0, num_attention_heads={self.num_attention_heads}], got {heads!r}"
-                )
-        for name in ("local_window_size", "causal_chunk_length", "causal_window_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not isinstance(self.begin_kernel, int) or self.begin_kernel < 0:
-            raise ValueError(f"begin_kernel must be an int >= 0, got {self.begin_kernel!r}")
-        if self.scale_by_length and self.causal:
-            raise ValueError("scale_by_length scales by the number of keys of the whole sequence; it needs causal=False")
-        if self.causal_window_decay is not None and not 0.0 < self.causal_window_decay <= 1.0:
-            raise ValueError(f"causal_window_decay must be in (0, 1] or None, got {self.causal_window_decay!r}")
-        _allowed("causal_padding", self.causal_padding, (None, "left", "right"))
-        _allowed("local_window_type", self.local_window_type, ("sliding", "blocked"))
         if (self.local_rotary or self.sinusoidal_position_embedding) and self.head_dim % 2:
             raise ValueError(f"local_rotary / sinusoidal_position_embedding need an even head dim, got {self.head_dim}")
+        if self.position_embedding_type == "axial":
+            self._validate_axial()
+
+    def validate_attention_options(self):
+        heads = self.local_attn_heads
+        if isinstance(heads, list) and len(heads) != self.num_hidden_layers:
+            raise ValueError(
+                f"local_attn_heads has {len(heads)} entries; give one per layer ({self.num_hidden_layers}) or an int"
+            )
+        if any(count > self.num_attention_heads for count in (heads if isinstance(heads, list) else [heads])):
+            raise ValueError(
+                f"local_attn_heads must be ints in [0, num_attention_heads={self.num_attention_heads}], got {heads!r}"
+            )
+        if self.scale_by_length and self.causal:
+            raise ValueError("scale_by_length scales by the number of keys of the whole sequence; it needs causal=False")
         if self.use_causal_windowed:
             if not self.causal:
                 raise ValueError("use_causal_windowed needs causal=True")
@@ -246,6 +388,66 @@ class PerformerConfig(PreTrainedConfig):
         if self.feature_map == EXACT and (self.begin_kernel or self.scale_by_length):
             raise ValueError("begin_kernel and scale_by_length are kernel-attention options; feature_map='exact' "
                              "is softmax everywhere already")
+
+    def validate_feature_map(self):
+        _check_feature_map(self.feature_map)  # the registry may have changed since the field was set
+        if self.feature_map == EXACT:
+            return
+        map_class = FEATURE_MAPS[self.feature_map]
+        if self.causal and not map_class.supports_causal:
+            raise ValueError(
+                f"feature_map={self.feature_map!r} uses statistics of the whole sequence and cannot be causal; "
+                "use it with causal=False or pick a causal map such as 'favor+'"
+            )
+        # A trial construction on the meta device runs the class's own checks of its options without drawing
+        # anything: RandomProjectionFeatureMap.new_feature_map skips meta buffers, and meta tensors use no RNG.
+        try:
+            with torch.device("meta"):
+                map_class(self.head_dim, **self.feature_map_options())
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"feature_map_kwargs {self.feature_map_kwargs!r} are invalid for "
+                             f"feature_map={self.feature_map!r}: {error}") from error
+        except (RuntimeError, NotImplementedError):
+            pass  # a custom map that cannot be built on meta: its options are checked when the model is built
+
+    def validate_rope(self):
+        """transformers' RoPE validation (required keys of each rope_type), made strict: what it only logs about
+        values is an error here, and a missing key is a ValueError instead of a KeyError."""
+        parameters = self.rope_parameters
+        if not isinstance(parameters, dict):
+            raise TypeError(f"rope_parameters must be a dict, got {type(parameters).__name__}")
+        _check_rope_parameters(parameters)
+        if parameters.get("rope_theta") != self.rope_theta:
+            raise ValueError(f"rope_theta={self.rope_theta!r} and rope_parameters['rope_theta']="
+                             f"{parameters.get('rope_theta')!r} disagree")
+        try:
+            super().validate_rope()
+        except KeyError as error:
+            raise ValueError(f"rope_parameters {parameters!r}: {error.args[0]}") from None
+        rope_type = parameters["rope_type"]
+        factor = parameters.get("partial_rotary_factor", 1.0)
+        rotary_dim = int(self.head_dim * factor)
+        if rotary_dim < 2 or rotary_dim % 2:
+            raise ValueError(f"rope_parameters['partial_rotary_factor']={factor} rotates {rotary_dim} of the "
+                             f"{self.head_dim} head dims; it must be an even number >= 2")
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(parameters[key]) != rotary_dim // 2:
+                    raise ValueError(f"rope_parameters[{key!r}] must have rotary dim / 2 = {rotary_dim // 2} "
+                                     f"entries, got {len(parameters[key])}")
+            if parameters.get("factor") is None and parameters.get("original_max_position_embeddings") is None:
+                raise ValueError("rope_type='longrope' needs rope_parameters['factor'] or "
+                                 "['original_max_position_embeddings']")
+        if rope_type == "llama3":
+            if not parameters["high_freq_factor"] > parameters["low_freq_factor"]:
+                raise ValueError("rope_parameters['high_freq_factor'] must be greater than ['low_freq_factor'], got "
+                                 f"{parameters['high_freq_factor']} and {parameters['low_freq_factor']}")
+            if not parameters["original_max_position_embeddings"] < self.max_position_embeddings:
+                raise ValueError(
+                    "rope_type='llama3' needs rope_parameters['original_max_position_embeddings'] "
+                    f"({parameters['original_max_position_embeddings']}) < max_position_embeddings "
+                    f"({self.max_position_embeddings})"
+                )
 
     def local_heads(self, layer_idx: int) -> int:
         """Number of exact local-window heads in layer ``layer_idx`` (the last heads of the layer)."""

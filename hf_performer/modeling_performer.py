@@ -22,7 +22,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
@@ -108,7 +108,7 @@ class PerformerRotaryEmbedding(nn.Module):
 
     def compute_frequencies(self) -> tuple[torch.Tensor, float]:
         init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, scaling = init_fn(self.config, None)
+        inv_freq, scaling = init_fn(self.config, "cpu")  # real values even while the model is built on meta
         return inv_freq.float(), scaling
 
     def _apply(self, fn, recurse=True):
@@ -259,9 +259,9 @@ def global_attention_options(config: PerformerConfig, feature_map: FeatureMap | 
     """The options of ``global_attention_kind(config)``."""
     if config.feature_map == EXACT:
         return SoftmaxOptions(causal=config.causal)
-    options = KernelOptions(feature_map, causal=config.causal, qk_scale=config.scale,
+    options = KernelOptions(feature_map, causal=config.causal, qk_scale=config.qk_scale,
                             chunk_size=config.attention_chunk_size, implementation=config.attention_implementation,
-                            scale_by_length=config.scale_by_length)
+                            scale_by_length=config.qk_scale_by_length)
     if config.use_causal_windowed:
         options = WindowedKernelOptions(options, chunk_length=config.causal_chunk_length,
                                         window_length=config.causal_window_length, decay=config.causal_window_decay,
@@ -722,9 +722,7 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -35,8 +35,8 @@ def test_local_heads_equal_an_explicit_masked_softmax(causal):
     heads = lambda proj: proj(hidden).view(B, N, H, d).transpose(1, 2)  # noqa: E731
     q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
     # global heads 0-1: FAVOR+ through the naive float64 reference
-    qf = attn.feature_map.query_features(q[:, :2] * config.scale)
-    kf, log_scale = attn.feature_map.key_features(k[:, :2] * config.scale)
+    qf = attn.feature_map.query_features(q[:, :2] * config.qk_scale)
+    kf, log_scale = attn.feature_map.key_features(k[:, :2] * config.qk_scale)
     global_out = naive_kernel_attention(qf, kf, v[:, :2], causal=causal, k_log_scale=log_scale)
     # local heads 2-3: dense softmax with a |i - j| < 3 band (and j <= i when causal)
     i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
