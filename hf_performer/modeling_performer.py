@@ -261,7 +261,7 @@ def global_attention_options(config: PerformerConfig, feature_map: FeatureMap | 
         return SoftmaxOptions(causal=config.causal)
     options = KernelOptions(feature_map, causal=config.causal, qk_scale=config.qk_scale,
                             chunk_size=config.attention_chunk_size, implementation=config.attention_implementation,
-                            scale_by_length=config.qk_scale_by_length)
+                            scale_by_length=config.scale_by_length)
     if config.use_causal_windowed:
         options = WindowedKernelOptions(options, chunk_length=config.causal_chunk_length,
                                         window_length=config.causal_window_length, decay=config.causal_window_decay,
