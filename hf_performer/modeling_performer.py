@@ -103,7 +103,8 @@ class PerformerRotaryEmbedding(nn.Module):
     @staticmethod
     def compute_default_rope_parameters(config: PerformerConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
         """The RoFormer frequencies theta ** (-2i / d) and no attention scaling."""
-        dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)), 1.0
 
     def compute_frequencies(self) -> tuple[torch.Tensor, float]:
@@ -140,9 +141,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_head: int = 0) -> torch.Tensor:
-    """Rotate heads ``first_head:`` of x (B, H, N, d); earlier heads pass through unchanged."""
+    """Rotate heads ``first_head:`` of x (B, H, N, d); earlier heads pass through unchanged. With fewer angles than
+    channels (``partial_rotary_factor`` < 1) only the first ``cos.shape[-1]`` channels rotate, as in GPT-NeoX."""
     if first_head:
         return torch.cat([x[:, :first_head], apply_rotary(x[:, first_head:], cos, sin)], dim=1)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
     return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
 
 

@@ -160,3 +160,45 @@ def test_one_token_of_a_fresh_cache_equals_the_uncached_forward():
     torch.testing.assert_close(torch.cat(steps, 1), model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-5)
     layer = cache.layers[0]
     assert layer.attention.kv.shape == (2, 3, 16, 9) and layer.local.keys.shape[2] == 2
+
+
+def reference_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    angles = positions.double().unsqueeze(-1) * inv_freq.double()
+    return torch.cat([angles, angles], dim=-1).unsqueeze(1)  # (B, 1, N, r)
+
+
+def test_linear_rope_scaling_divides_positions_by_the_factor():
+    base = PerformerModel(tiny_config()).rotary_emb
+    scaled = PerformerModel(tiny_config(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                         "factor": 4.0})).rotary_emb
+    x = torch.zeros(1)
+    cos, sin = scaled(x, torch.tensor([[0, 8, 40]]))
+    base_cos, base_sin = base(x, torch.tensor([[0, 2, 10]]))
+    torch.testing.assert_close(cos, base_cos)
+    torch.testing.assert_close(sin, base_sin)
+
+
+def test_partial_rotary_rotates_only_the_leading_channels_and_scores_stay_relative():
+    from hf_performer.modeling_performer import apply_rotary
+
+    config = tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5})
+    rotary = PerformerModel(config).rotary_emb
+    d = config.head_dim
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+    cos, sin = rotary(q, torch.tensor([[5]]))
+    assert cos.shape[-1] == d // 2
+    rotated = apply_rotary(q, cos, sin)
+    assert torch.equal(rotated[..., d // 2:], q[..., d // 2:])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d // 2, 2, dtype=torch.float64) / (d // 2)))
+    torch.testing.assert_close(cos.double(), reference_angles(torch.tensor([[5]]), inv_freq).cos())
+
+    def score(p, s):
+        return (apply_rotary(q, *rotary(q, torch.tensor([[p]]))) * apply_rotary(k, *rotary(k, torch.tensor([[s]])))).sum()
+
+    torch.testing.assert_close(score(7, 3), score(30, 26))
+    model = PerformerForCausalLM(config).eval()  # and the model runs, cached decoding included
+    ids = torch.randint(3, 97, (1, 6))
+    cache = PerformerCache(config)
+    steps = torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(6)], 1)
+    torch.testing.assert_close(steps, model(ids, use_cache=False).logits, rtol=1e-4, atol=1e-5)
