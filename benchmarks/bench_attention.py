@@ -53,7 +53,7 @@ def useful_flops(length: int, features: int = FEATURES, head_dim: int = HEAD_DIM
 
 
 def executed_macs(features: int = FEATURES, head_dim: int = HEAD_DIM, chunk: int = 64) -> tuple[int, int]:
-    """Multiply-adds per token and head of the chunked causal op (ops._Block), (forward, backward).
+    """Multiply-adds per token and head of the chunked causal op (ops_chunked._Block), (forward, backward).
 
     Forward: chunk k^T v and q times the entering state, m (d+1) each; q k^T, C m; scores times v, C (d+1).
     Backward, recomputing what it needs: k^T v again, q^T dout and the dq / dk terms through the states, m (d+1)
@@ -72,10 +72,10 @@ def small_bmm_rate(threads: int, features: int = FEATURES, head_dim: int = HEAD_
     import torch
 
     from common import best_seconds, set_threads
-    from hf_performer import ops
+    from hf_performer import ops_chunked
 
     set_threads(threads)
-    batch = ops.BLOCK_TOKENS // chunk
+    batch = ops_chunked.BLOCK_TOKENS // chunk
     a, b = torch.randn(batch, chunk, features), torch.randn(batch, features, head_dim + 1)
     out = torch.bmm(a, b)  # written in place below: the compute rate, not first-touch page faults
     seconds = best_seconds(lambda: torch.bmm(a, b, out=out), reps)

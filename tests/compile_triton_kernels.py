@@ -17,15 +17,15 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hf_performer import triton_ops  # noqa: E402
+from hf_performer import ops_triton  # noqa: E402
 
 M, D, C = 128, 64, 32  # the benchmark shape: 128 features, head dim 64, the kernels' chunk tile
-TILE = triton_ops.MAX_COLUMNS
+TILE = ops_triton.MAX_COLUMNS
 KERNELS = {
-    "forward": (triton_ops._forward_kernel, dict(BLOCK_C=C, BLOCK_M=M, BLOCK_D=TILE)),
-    "dq": (triton_ops._dq_kernel, dict(BLOCK_C=C, BLOCK_M=TILE, BLOCK_D=D)),
-    "dk": (triton_ops._dk_kernel, dict(BLOCK_C=C, BLOCK_M=TILE, BLOCK_D=D)),
-    "dv": (triton_ops._dv_kernel, dict(BLOCK_C=C, BLOCK_M=M, BLOCK_D=TILE)),
+    "forward": (ops_triton._forward_kernel, dict(BLOCK_C=C, BLOCK_M=M, BLOCK_D=TILE)),
+    "dq": (ops_triton._dq_kernel, dict(BLOCK_C=C, BLOCK_M=TILE, BLOCK_D=D)),
+    "dk": (ops_triton._dk_kernel, dict(BLOCK_C=C, BLOCK_M=TILE, BLOCK_D=D)),
+    "dv": (ops_triton._dv_kernel, dict(BLOCK_C=C, BLOCK_M=M, BLOCK_D=TILE)),
 }
 
 
@@ -41,11 +41,11 @@ def compile_kernel(fn, blocks: dict, dtype: str, arch: int):
         else:
             signature[name] = "*" + dtype
     return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", arch, 32),
-                          options=dict(triton_ops.LAUNCH))
+                          options=dict(ops_triton.LAUNCH))
 
 
 # Feature counts beyond the benchmark's, for the kernels whose tiles span all m features (forward, dv): 266 is the
-# default for d_head = 64 (int(d ln d)), 200 another power-of-two tile; the rows check triton_ops.shared_memory_bytes.
+# default for d_head = 64 (int(d ln d)), 200 another power-of-two tile; the rows check ops_triton.shared_memory_bytes.
 WIDE = [(266, "fp32"), (200, "fp64")]
 
 
@@ -65,7 +65,7 @@ def main():
             for name, (fn, blocks) in KERNELS.items():
                 print(json.dumps(row(name, fn, blocks, dtype, arch)), flush=True)
     for features, dtype in WIDE:
-        tile = triton_ops._block(features)
+        tile = ops_triton._block(features)
         for name in ("forward", "dv"):
             fn, blocks = KERNELS[name]
             print(json.dumps(row(name, fn, dict(blocks, BLOCK_M=tile), dtype, 90, features)), flush=True)

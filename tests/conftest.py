@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Without a GPU the Triton kernels are tested in Triton's CPU interpreter (read when a kernel is defined, so before
-# hf_performer.triton_ops is first imported).
+# hf_performer.ops_triton is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -145,8 +145,8 @@ def test_remote_code_loading_without_the_package_installed(tmp_path):
     model = seeded(PerformerForCausalLM, tiny_config(), seed=2)
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
-    for source in ("modeling_performer.py", "configuration_performer.py", "feature_maps.py", "ops.py",
-                   "cache_performer.py"):
+    for source in ("modeling_performer.py", "configuration_performer.py", "feature_maps.py", "ops.py", "ops_common.py",
+                   "ops_naive.py", "ops_quadratic.py", "ops_chunked.py", "ops_triton.py", "cache_performer.py"):
         assert (folder / source).exists(), source
     ids = torch.randint(3, 97, (2, 9))
     torch.save(ids, tmp_path / "ids.pt")

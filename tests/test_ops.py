@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_performer import ops
+from hf_performer import ops, ops_chunked
 from hf_performer.ops import causal_linear_attention, linear_attention, naive_kernel_attention
 
 
@@ -37,7 +37,7 @@ def grads(fn, tensors, weight):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Several blocks per sequence, so the state crosses block boundaries in both passes."""
-    monkeypatch.setattr(ops, "BLOCK_TOKENS", 16)
+    monkeypatch.setattr(ops_chunked, "BLOCK_TOKENS", 16)
 
 
 # -- values and gradients ----------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_exact_scale_mode_for_wild_log_scales(small_blocks, monkeypatch):
         out = causal_linear_attention(q, k, v, k_log_scale=scales, chunk_size=8, implementation="chunked")[0]
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     fast = causal_linear_attention(q, k, v, k_log_scale=log_scale, chunk_size=8, implementation="chunked")[0]
-    monkeypatch.setattr(ops, "FAST_SPAN", -1.0)
+    monkeypatch.setattr(ops_chunked, "FAST_SPAN", -1.0)
     exact = causal_linear_attention(q, k, v, k_log_scale=log_scale, chunk_size=8, implementation="chunked")[0]
     torch.testing.assert_close(fast, exact, rtol=1e-12, atol=1e-14)
 
@@ -106,7 +106,7 @@ def test_exact_scale_mode_for_wild_log_scales(small_blocks, monkeypatch):
 def test_gradcheck_chunked_with_state(monkeypatch, stabilised):
     """float64 gradcheck through outputs and the returned state, w.r.t. q, k, v and the initial state
     (11 tokens: chunks of 3, two blocks, a ragged last chunk)."""
-    monkeypatch.setattr(ops, "BLOCK_TOKENS", 6)
+    monkeypatch.setattr(ops_chunked, "BLOCK_TOKENS", 6)
     q, k, v, log_scale = features(batch=1, heads=1, length=11, m=3, d=2, stabilised=stabilised)
     kv0 = torch.rand(1, 1, 3, 3, dtype=torch.float64)
     c0 = torch.randn(1, 1, dtype=torch.float64) if stabilised else None
@@ -270,8 +270,8 @@ def test_no_tensor_of_size_n_m_d_is_ever_built():
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kv0, c0 = ops.empty_state(batch, heads, m, d, True, "cpu")
     with LargestTensor() as probe:
-        saved = ops._chunked_forward_impl(q.detach(), k.detach(), v.detach(), log_scale, kv0, c0, 64)
-        ops._chunked_backward_impl(
+        saved = ops_chunked._chunked_forward_impl(q.detach(), k.detach(), v.detach(), log_scale, kv0, c0, 64)
+        ops_chunked._chunked_backward_impl(
             torch.ones_like(v), torch.zeros_like(kv0), q.detach(), k.detach(), v.detach(), log_scale, c0,
             saved[0], saved[1], saved[4], 64,
         )
@@ -360,7 +360,7 @@ def test_exp_features_inside_the_op_same_state_as_outside(small_blocks):
 
 
 def test_gradcheck_exp_features_inside_the_op(monkeypatch):
-    monkeypatch.setattr(ops, "BLOCK_TOKENS", 6)
+    monkeypatch.setattr(ops_chunked, "BLOCK_TOKENS", 6)
     q, k, v, projection = favor_inputs(batch=1, heads=1, length=11, d=3, m=4)
     kv0 = torch.rand(1, 1, 4, 4, dtype=torch.float64)
     c0 = torch.randn(1, 1, dtype=torch.float64)
@@ -454,3 +454,20 @@ def test_tiny_model_compiles_in_one_graph(make_config):
     torch.testing.assert_close(compiled_loss, eager_loss)
     for got, want in zip(compiled_grads, [p.grad for p in model.parameters() if p.grad is not None]):
         torch.testing.assert_close(got, want)
+
+
+def test_chunked_ops_pass_torch_library_opcheck_with_a_ragged_last_chunk():
+    """The fake kernels (what torch.compile and torch.export trace) must promise the strides the real ones return;
+    with N not a multiple of the chunk the backward used to return strided views of its padded buffers."""
+    generator = torch.Generator().manual_seed(0)
+    B, H, N, m, d, chunk = 1, 2, 11, 8, 4, 4
+    q, k = torch.rand(B, H, N, m, generator=generator), torch.rand(B, H, N, m, generator=generator)
+    v = torch.randn(B, H, N, d, generator=generator)
+    log_scale = torch.randn(B, H, N, generator=generator)
+    kv0, c0 = torch.zeros(B, H, m, d + 1), torch.full((B, H), -1e30)
+    forward_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), log_scale, kv0, c0, chunk)
+    torch.library.opcheck(ops_chunked._chunked_forward, forward_args)
+    out, normaliser, kv_end, c_end, block_states = ops_chunked._chunked_forward(*forward_args)
+    backward_args = (torch.randn_like(out), torch.randn_like(kv_end), q.detach(), k.detach(), v.detach(), log_scale,
+                     c0, out.detach(), normaliser.detach(), block_states.detach(), chunk)
+    torch.library.opcheck(ops_chunked._chunked_backward, backward_args)

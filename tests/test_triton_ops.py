@@ -1,4 +1,4 @@
-"""The fused Triton kernels (hf_performer/triton_ops.py) against the float64 O(N^2) reference and the PyTorch
+"""The fused Triton kernels (hf_performer/ops_triton.py) against the float64 O(N^2) reference and the PyTorch
 chunked path: values, gradients (also gradcheck), states, masks, dtypes and the model-level dispatch. Without a GPU
 they run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1): the same kernel code, executed by numpy."""
 
@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_performer import PerformerForCausalLM, ops, triton_ops
+from hf_performer import PerformerForCausalLM, ops, ops_triton
 from hf_performer.ops import causal_linear_attention, empty_state, naive_kernel_attention
 
 from conftest import tiny_config
 from test_ops import favor_inputs, features, grads, key_mask, plain_favor
 
-pytestmark = pytest.mark.skipif(not triton_ops.available(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not ops_triton.available(), reason="triton is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in Triton's interpreter
 
@@ -175,18 +175,18 @@ def test_auto_uses_the_kernels_exactly_for_cuda_tensors(monkeypatch):
     """'auto' runs the kernels for CUDA tensors only; on CPU it and 'chunked' stay on the PyTorch path even where
     Triton (its interpreter) could run them; 'triton' asks for them."""
     calls = []
-    kernels = triton_ops.causal_attention
+    kernels = ops_triton.causal_attention
 
     def spy(q, *args, **kwargs):
         calls.append(q.device.type)
         return kernels(q, *args, **kwargs)
 
-    monkeypatch.setattr(triton_ops, "causal_attention", spy)
+    monkeypatch.setattr(ops_triton, "causal_attention", spy)
     q, k, v, log_scale = features(length=300)  # CPU tensors
     for implementation in ("auto", "chunked"):
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation=implementation)
     assert calls == []
-    if triton_ops.interpreting():
+    if ops_triton.interpreting():
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
         assert calls == ["cpu"]
     if torch.cuda.is_available():
@@ -231,17 +231,17 @@ def test_kernels_compile_for_nvidia_gpus():
     assert max(row["shared"] for row in rows if row["features"] == 128) <= 166912
     for row in rows:  # the bound 'auto' uses to fall back to the chunked path on smaller GPUs
         dtype = torch.float64 if row["dtype"] == "fp64" else torch.float32
-        assert row["shared"] <= triton_ops.shared_memory_bytes(row["features"], dtype), row
+        assert row["shared"] <= ops_triton.shared_memory_bytes(row["features"], dtype), row
 
 
 def test_feature_counts_that_do_not_fit_the_gpu_fall_back_or_fail_clearly(monkeypatch):
     """m=266 (the default for d_head=64) needs a 512-wide feature tile: it fits an H100's 227 KiB of shared memory
     per block but not a 99 KiB consumer GPU, where 'auto' must take the chunked path and 'triton' must say why."""
     q, k, v, log_scale = on_device(*features(length=20, m=266, dtype=torch.float32))
-    monkeypatch.setattr(triton_ops, "shared_memory_limit", lambda x: 227 * 1024)
-    assert triton_ops.fits(q, 266)
-    monkeypatch.setattr(triton_ops, "shared_memory_limit", lambda x: 99 * 1024)
-    assert not triton_ops.fits(q, 266) and triton_ops.fits(q, 256)
+    monkeypatch.setattr(ops_triton, "shared_memory_limit", lambda x: 227 * 1024)
+    assert ops_triton.fits(q, 266)
+    monkeypatch.setattr(ops_triton, "shared_memory_limit", lambda x: 99 * 1024)
+    assert not ops_triton.fits(q, 266) and ops_triton.fits(q, 256)
     with pytest.raises(ValueError, match="266 features need about .* KiB of shared memory.*offers 99 KiB"):
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
 

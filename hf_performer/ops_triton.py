@@ -1,4 +1,4 @@
-"""Fused Triton kernels for causal kernel attention on CUDA: the same result and state as ``ops.py``'s chunked path.
+"""Fused Triton kernels for causal kernel attention on CUDA: the same result and state as ``ops_chunked.py``.
 
 Optional: Triton is imported here only, inside ``try``, and ``ops.causal_linear_attention`` loads this module only
 for CUDA tensors (``implementation="auto"``) or when asked (``implementation="triton"``). The PyTorch chunked path
@@ -14,7 +14,7 @@ normaliser sum in registers, so nothing of size N m d (or even N/C m d) touches 
 
 Stabiliser: keys come divided by a per-token scale exp(l_u) (exponential feature maps, see ``ops.py``), and every
 weight is w_tu = exp(l_u - c_t) <= 1 with c_t the running maximum, the chunk hand-offs exp(c_prev - c_t) <= 1. This
-is ``ops._Block``'s exact mode; in registers those exponentials are free, so there is no fast/exact switch.
+is ``ops_chunked._Block``'s exact mode; in registers those exponentials are free, so there is no fast/exact switch.
 Everything accumulates in float32 (float64 for float64 inputs), and the dots are plain fp32 FMAs (no TF32, so no
 tensor cores yet: half inputs are upcast; bf16 operands with fp32 accumulation are the obvious next step on a GPU).
 """
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import NEG_LOG_SCALE, _compute_dtype, _output_gradients
+from .ops_common import NEG_LOG_SCALE, _compute_dtype, _output_gradients
 
 try:
     import triton
@@ -365,7 +365,7 @@ def _backward_impl(grad_out, grad_kv, q, k, v, log_scale, kv0, c0, out, normalis
             d_kv0.view(batch, heads, m, d + 1))
 
 
-# One op namespace per copy of this module, as in ops.py (a checkpoint's remote-code copy can sit next to ours).
+# One op namespace per copy of this module, as in ops_chunked.py (a remote-code copy can sit next to ours).
 _NAMESPACE = re.sub(r"\W", "_", __name__)
 
 
