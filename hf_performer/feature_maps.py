@@ -291,8 +291,12 @@ class RandomProjectionFeatureMap(FeatureMap):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Draw the initial projection. transformers' contract for buffers: what a constructor puts in them is what
+        ``_init_weights`` would; so a model's ``_init_weights`` redraws only projections never drawn (built on the
+        meta device and missing from the checkpoint), and a directly built model draws each one once, here."""
         if not self.projection.is_meta:
             self.projection.copy_(self.initial_projection().to(self.projection))
+            self.projection._is_hf_initialized = True
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T in float32: (..., N, d) -> (..., N, m). One (rows, d) @ (d, m) matmul: a batched matmul that

@@ -122,7 +122,7 @@ class PerformerRotaryEmbedding(nn.Module):
     @dynamic_rope_update  # rope_type="dynamic": NTK scaling of the frequencies past the trained length
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = position_ids.float().unsqueeze(-1) * self.inv_freq.to(x.device, torch.float32)  # (B, N, d/2)
-        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # (B, 1, N, d)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, N, d), float32
         if self.attention_scaling == 1.0:
             return angles.cos(), angles.sin()
         return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
@@ -141,8 +141,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, first_head: int = 0) -> torch.Tensor:
-    """Rotate heads ``first_head:`` of x (B, H, N, d); earlier heads pass through unchanged. With fewer angles than
-    channels (``partial_rotary_factor`` < 1) only the first ``cos.shape[-1]`` channels rotate, as in GPT-NeoX."""
+    """Rotate heads ``first_head:`` of x (B, H, N, d) by the angles' cos, sin (B, N, r); earlier heads pass through
+    unchanged. With fewer angles than channels (``partial_rotary_factor`` < 1) only the first r channels rotate, as
+    in GPT-NeoX."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, N, r): the same angles for every head
     if first_head:
         return torch.cat([x[:, :first_head], apply_rotary(x[:, first_head:], cos, sin)], dim=1)
     rotary_dim = cos.shape[-1]
@@ -199,11 +202,12 @@ class PerformerAttention(nn.Module):
         self.kind = global_attention_kind(config)
         self.feature_map: FeatureMap | None = None
         if self.kind != "softmax" and self.num_global_heads > 0:
-            # allocated here, drawn once from the layer's seed in _init_weights (or loaded from a checkpoint)
+            # drawn from the layer's seed (never from the global RNG); on the meta device only allocated, and then
+            # loaded from the checkpoint or drawn by _init_weights
             self.feature_map = build_feature_map(
                 config.feature_map, self.head_dim, num_features=config.num_random_features,
                 orthogonal=config.orthogonal_features, norm_scaling=config.feature_norm_scaling,
-                options=config.feature_map_kwargs, seed=feature_seed(config.feature_seed, layer_idx, 0), draw=False,
+                options=config.feature_map_kwargs, seed=feature_seed(config.feature_seed, layer_idx, 0),
             )
         self.options = global_attention_options(config, self.feature_map)
         self.local_options = LocalOptions(causal=config.causal, window=config.local_window_size,

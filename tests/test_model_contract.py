@@ -145,7 +145,7 @@ def test_rotary_frequencies_stay_float32_when_the_model_is_cast_to_bfloat16():
     dim = model.config.head_dim
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     angles = positions.double().unsqueeze(-1) * inv_freq
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    angles = torch.cat([angles, angles], dim=-1)
     # float32 angles at 32k positions are exact to ~2e-3 rad; bf16-rounded frequencies were off by radians
     assert (cos.double() - angles.cos()).abs().max() < 1e-2
     assert (sin.double() - angles.sin()).abs().max() < 1e-2
@@ -164,7 +164,7 @@ def test_one_token_of_a_fresh_cache_equals_the_uncached_forward():
 
 def reference_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     angles = positions.double().unsqueeze(-1) * inv_freq.double()
-    return torch.cat([angles, angles], dim=-1).unsqueeze(1)  # (B, 1, N, r)
+    return torch.cat([angles, angles], dim=-1)  # (B, N, r)
 
 
 def test_linear_rope_scaling_divides_positions_by_the_factor():
