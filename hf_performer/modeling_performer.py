@@ -541,8 +541,8 @@ class PerformerModel(PerformerPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({batch}, {past + length}) "
                 f"(past tokens + new tokens) or ({batch}, {length})"
             )
-        key_mask = attention_mask[:, -length:].bool()
-        return None if bool(key_mask.all()) else key_mask
+        # kept even when it is all ones: a data-dependent "no padding?" branch would break torch.export / compile
+        return attention_mask[:, -length:].bool()
 
     @staticmethod
     def _position_ids(attention_mask, batch, length, cache, device) -> torch.Tensor:
@@ -666,6 +666,8 @@ class PerformerModel(PerformerPreTrainedModel):
         return cache
 
     def _check_positions(self, position_ids: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return  # a data-dependent check cannot be traced; eager runs check
         limit = self.config.max_position_embeddings
         low, high = int(position_ids.min()), int(position_ids.max())
         if low < 0 or high >= limit:

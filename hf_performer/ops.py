@@ -82,7 +82,17 @@ def choose_implementation(
 def _resolve(implementation: str, *args, **kwargs) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
-    return choose_implementation(*args, **kwargs) if implementation == "auto" else implementation
+    if torch.onnx.is_in_onnx_export() and kwargs.get("causal"):
+        # ONNX cannot express the chunked custom op (a loop over the sequence with a running state): the exported
+        # graph computes causal attention as the masked (N, N) kernel matrix, exactly, at O(N^2) cost.
+        return "quadratic"
+    if implementation != "auto":
+        return implementation
+    if torch.compiler.is_compiling():
+        # Traced (torch.compile, torch.export): a choice by length would guard on the sequence length and
+        # specialise the graph to it; the linear path is right for every length.
+        return "chunked"
+    return choose_implementation(*args, **kwargs)
 
 
 def _use_triton(implementation: str, resolved: str, x: Tensor, num_features: int) -> bool:

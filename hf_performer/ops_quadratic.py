@@ -10,6 +10,16 @@ import torch
 from .ops_common import State, _append_ones, _compute_dtype, _normalise
 
 
+def _running_max(x: torch.Tensor) -> torch.Tensor:
+    """max_{u <= t} x_u along the last dimension. ONNX has no cummax: while exporting to ONNX the same maxima come
+    from a masked amax over the (S, S) triangle, which this path can afford (its scores are (N, S) already)."""
+    if not torch.onnx.is_in_onnx_export():
+        return torch.cummax(x, dim=-1).values
+    length = x.shape[-1]
+    later = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)  # (S, S): u' > u
+    return x.unsqueeze(-2).masked_fill(later, float("-inf")).amax(dim=-1)  # (..., S)
+
+
 def quadratic_attention(q, k, v, *, causal: bool, k_log_scale, initial_state: State | None):
     """Kernelised (N, S) attention matrix, masked and row-normalised; continues from ``initial_state`` if causal.
 
@@ -28,7 +38,7 @@ def quadratic_attention(q, k, v, *, causal: bool, k_log_scale, initial_state: St
     if k_log_scale is not None:
         log_scale = k_log_scale.to(ct)  # (B, H, S)
         if causal:
-            c = torch.cummax(log_scale, dim=-1).values  # (B, H, S)
+            c = _running_max(log_scale)  # (B, H, S)
             if c0 is not None:
                 c = torch.maximum(c, c0.to(ct).unsqueeze(-1))
             exponent = log_scale.unsqueeze(-2) - c[..., -length:].unsqueeze(-1)  # (B, H, N, S)
