@@ -1,7 +1,7 @@
 """Generate text with a saved Performer, printing tokens as they are produced.
 
-    python examples/generate.py runs/performer-pydoc --prompt "The with statement"
-    python examples/generate.py your-username/performer-pydoc --trust_remote_code   # from the Hub
+    python examples/generate.py --model_name_or_path runs/performer-pydoc --prompt "The with statement"
+    python examples/generate.py --model_name_or_path your-username/performer-pydoc --trust_remote_code  # the Hub
 
 Decoding runs on the recurrent PerformerCache: every new token costs the same, however long the text already is.
 """
@@ -21,7 +21,8 @@ except ImportError:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a saved model directory or a Hub id")
+    parser.add_argument("--model_name_or_path", help="a saved model directory or a Hub id")
+    parser.add_argument("model", nargs="?", help="the same, as a positional argument")
     parser.add_argument("--prompt", default="The with statement")
     parser.add_argument("--max_new_tokens", type=int, default=300)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -30,7 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run the modeling code shipped with the checkpoint (needed where hf_performer is absent)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.model_name_or_path is None):
+        parser.error("give the model once: --model_name_or_path PATH_OR_HUB_ID (or PATH_OR_HUB_ID alone)")
+    args.model = args.model or args.model_name_or_path
+    return args
 
 
 def main(argv=None) -> str:
