@@ -281,6 +281,79 @@ def begin_kernel(q, k, v, key_mask, positions, state: BeginKernelState | None, o
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Packed documents: several sequences in one row, attention reset at every boundary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackedDocuments:
+    """Where the documents of a packed batch lie (``DataCollatorWithFlattening``: rows of concatenated documents,
+    positions restarting at 0). Projections and feed-forward run on the packed tokens, without padding; each
+    attention kind runs on the documents laid out as rows of a padded batch, so every kind (kernel sums, windows,
+    exact attention) starts afresh at each document, exactly as if the documents were run alone.
+
+    ``index`` (D, L): flat token index (into B * N) of each document's tokens, padded with 0; ``real`` (D, L) which
+    entries are tokens. Build it with ``from_positions`` or ``from_cu_seqlens``."""
+
+    index: torch.Tensor
+    real: torch.Tensor
+    starts: torch.Tensor  # (B, N) bool: the first token of every document
+    batch: int
+    length: int
+
+    @classmethod
+    def from_starts(cls, starts: torch.Tensor) -> "PackedDocuments":
+        """``starts`` (B, N) bool: True at the first token of every document (each row's first token included)."""
+        batch, length = starts.shape
+        starts = starts.clone()
+        starts[:, 0] = True
+        flat = starts.flatten()  # (B*N,)
+        document = flat.long().cumsum(0) - 1  # (B*N,): which document each token belongs to
+        first = torch.nonzero(flat).squeeze(-1)  # (D,): index of each document's first token
+        sizes = torch.diff(first, append=first.new_tensor([flat.numel()]))  # (D,)
+        offsets = torch.arange(flat.numel(), device=flat.device) - first[document]  # (B*N,) place in the document
+        longest = int(sizes.max())
+        index = torch.zeros(first.numel(), longest, dtype=torch.long, device=flat.device)  # (D, L)
+        real = torch.zeros(first.numel(), longest, dtype=torch.bool, device=flat.device)
+        tokens = torch.arange(flat.numel(), device=flat.device)
+        index[document, offsets] = tokens
+        real[document, offsets] = True
+        return cls(index, real, starts, batch, length)
+
+    @classmethod
+    def from_positions(cls, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> "PackedDocuments | None":
+        """Documents where positions restart at 0 after a real token of the same row; None when none does (left
+        padding, whose real tokens start at 0, is not a restart)."""
+        real = key_mask if key_mask is not None else torch.ones_like(position_ids, dtype=torch.bool)
+        after_real = real.long().cumsum(-1) > 1  # (B, N): an earlier real token exists in the row
+        restarts = (position_ids == 0) & real & after_real
+        return cls.from_starts(restarts) if bool(restarts.any()) else None
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, batch: int, length: int) -> "PackedDocuments":
+        """flash-attention's cumulative lengths over the flattened batch: (D + 1,) starting at 0."""
+        starts = torch.zeros(batch * length, dtype=torch.bool, device=cu_seqlens.device)
+        starts[cu_seqlens[:-1].long()] = True
+        return cls.from_starts(starts.view(batch, length))
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, N, *) -> (D, h, L, *): each document a row."""
+        flat = x.transpose(0, 1).flatten(1, 2)  # (h, B*N, *)
+        return flat[:, self.index].transpose(0, 1)  # (D, h, L, *)
+
+    def unpack_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> (D, L): masks and positions."""
+        return x.flatten()[self.index]
+
+    def pack(self, out: torch.Tensor) -> torch.Tensor:
+        """(D, h, L, *) -> (B, h, N, *), the inverse of ``unpack`` on the real entries."""
+        heads = out.shape[1]
+        flat = out.new_zeros(heads, self.batch * self.length, *out.shape[3:])  # (h, B*N, *)
+        flat[:, self.index[self.real]] = out.transpose(0, 1)[:, self.real]
+        return flat.view(heads, self.batch, self.length, *out.shape[3:]).transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -301,11 +374,21 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
 }
 
 
-def attend(kind: str, q, k, v, key_mask, positions, state, options):
-    """Run one kind of attention: ``(out (B, h, N, d), state)``. The math runs with autocast off: exponential
-    features and kernel sums lose everything in bf16, so the ops pick their own (float32) accumulation dtypes."""
+def attend(kind: str, q, k, v, key_mask, positions, state, options, documents: PackedDocuments | None = None):
+    """Run one kind of attention: ``(out (B, h, N, d), state)``; with ``documents``, on each packed document alone.
+    The math runs with autocast off: exponential features and kernel sums lose everything in bf16, so the ops pick
+    their own (float32) accumulation dtypes."""
+    function = ATTENTION_KINDS[kind].function
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return ATTENTION_KINDS[kind].function(q, k, v, key_mask, positions, state, options)
+        if documents is None:
+            return function(q, k, v, key_mask, positions, state, options)
+        if state is not None:
+            raise ValueError("packed documents (positions restarting inside a row, or cu_seq_lens) cannot be "
+                             "decoded with a cache: pass one sequence per row to generate")
+        real = documents.real if key_mask is None else documents.real & documents.unpack_tokens(key_mask)
+        out, _ = function(documents.unpack(q), documents.unpack(k), documents.unpack(v), real,
+                          documents.unpack_tokens(positions), None, options)
+        return documents.pack(out), None
 
 
 __all__ = [
@@ -317,6 +400,7 @@ __all__ = [
     "KernelOptions",
     "KernelState",
     "LocalOptions",
+    "PackedDocuments",
     "SoftmaxOptions",
     "WindowState",
     "WindowedKernelOptions",

@@ -32,6 +32,7 @@ from .attention import (
     BeginKernelOptions,
     KernelOptions,
     LocalOptions,
+    PackedDocuments,
     SoftmaxOptions,
     WindowedKernelOptions,
     WindowState,
@@ -220,6 +221,7 @@ class PerformerAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_layer: PerformerCacheLayer | None = None,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
@@ -235,14 +237,15 @@ class PerformerAttention(nn.Module):
         outputs = []
         if g > 0:
             state = None if cache_layer is None else cache_layer.attention or ATTENTION_KINDS[self.kind].state()
-            out, state = attend(self.kind, q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, state, self.options)
+            out, state = attend(self.kind, q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, state, self.options,
+                                documents)
             outputs.append(out)  # (B, g, N, d)
             if cache_layer is not None:
                 cache_layer.attention = state
         if self.num_local_heads > 0:
             state = None if cache_layer is None else cache_layer.local or WindowState()
             out, state = attend("local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, state,
-                                self.local_options)
+                                self.local_options, documents)
             outputs.append(out)  # (B, H - g, N, d)
             if cache_layer is not None:
                 cache_layer.local = state
@@ -330,8 +333,10 @@ class PerformerTokenShift(nn.Module):
         self.shifts = (0, 1) if config.causal else (-1, 0, 1)
         self.slice = config.hidden_size // len(self.shifts)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, previous: torch.Tensor | None = None):
-        """x (B, N, D) -> (shifted x (B, N, D), its last token (B, 1, D), the ``previous`` of the next call)."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, previous: torch.Tensor | None = None,
+                starts: torch.Tensor | None = None):
+        """x (B, N, D) -> (shifted x (B, N, D), its last token (B, 1, D), the ``previous`` of the next call).
+        ``starts`` (B, N): first tokens of packed documents, which take nothing from the document before them."""
         if key_mask is not None:
             x = x * key_mask.unsqueeze(-1).to(x.dtype)  # (B, N, D)
         pieces = list(x.split(self.slice, dim=-1))
@@ -340,9 +345,14 @@ class PerformerTokenShift(nn.Module):
             if amount > 0:
                 before = previous[..., i * self.slice:(i + 1) * self.slice] if previous is not None \
                     else torch.zeros_like(piece[:, :amount])
-                pieces[i] = torch.cat([before, piece[:, :-amount]], dim=1)[:, -piece.shape[1]:]
+                shifted = torch.cat([before, piece[:, :-amount]], dim=1)[:, -piece.shape[1]:]
+                pieces[i] = shifted if starts is None else shifted.masked_fill(starts.unsqueeze(-1), 0.0)
             elif amount < 0:
-                pieces[i] = torch.cat([piece[:, -amount:], torch.zeros_like(piece[:, :-amount])], dim=1)
+                shifted = torch.cat([piece[:, -amount:], torch.zeros_like(piece[:, :-amount])], dim=1)
+                if starts is not None:  # the last token of a document sees no next one
+                    ends = torch.cat([starts[:, 1:], torch.zeros_like(starts[:, :1])], dim=1)
+                    shifted = shifted.masked_fill(ends.unsqueeze(-1), 0.0)
+                pieces[i] = shifted
         return torch.cat(pieces, dim=-1), x[:, -1:]
 
 
@@ -372,19 +382,21 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_layer: PerformerCacheLayer | None = None,
+        documents: PackedDocuments | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        starts = documents.starts if documents is not None else None
         x = self.attn_norm(hidden_states)
         if self.shift_attn is not None:  # norm, then shift, as performer-pytorch
-            x, last = self.shift_attn(x, key_mask, cache_layer.shift_attn if cache_layer is not None else None)
+            x, last = self.shift_attn(x, key_mask, cache_layer.shift_attn if cache_layer is not None else None, starts)
             if cache_layer is not None:
                 cache_layer.shift_attn = last
         attn = self.self_attn(x, key_mask=key_mask, position_ids=position_ids,
-                              position_embeddings=position_embeddings, cache_layer=cache_layer)
+                              position_embeddings=position_embeddings, cache_layer=cache_layer, documents=documents)
         hidden_states = hidden_states + self.dropout(attn * self.rezero_attn if self.rezero else attn)
         x = self.mlp_norm(hidden_states)
         if self.shift_mlp is not None:
-            x, last = self.shift_mlp(x, key_mask, cache_layer.shift_mlp if cache_layer is not None else None)
+            x, last = self.shift_mlp(x, key_mask, cache_layer.shift_mlp if cache_layer is not None else None, starts)
             if cache_layer is not None:
                 cache_layer.shift_mlp = last
         ff = self.mlp(x)
@@ -600,11 +612,22 @@ class PerformerModel(PerformerPreTrainedModel):
         return_cache = use_cache if use_cache is not None else self.config.use_cache
 
         key_mask = self._key_mask(attention_mask, batch, length, past)
+        documents = None
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, batch, length, cache, inputs_embeds.device)
-        elif position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        position_ids = position_ids[:, -length:]
+        else:
+            if position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+            position_ids = position_ids[:, -length:]
+            if past == 0 and not torch.compiler.is_compiling():
+                documents = PackedDocuments.from_positions(position_ids, key_mask)
+        if kwargs.get("cu_seq_lens_q") is not None:
+            documents = PackedDocuments.from_cu_seqlens(kwargs["cu_seq_lens_q"], batch, length)
+        if documents is not None and cache is not None:
+            if past_key_values is not None:
+                raise ValueError(f"{cache_name} cannot hold packed documents (positions restarting inside a row, or "
+                                 "cu_seq_lens): decode one sequence per row")
+            cache = None  # the default use_cache: packed training keeps no state
 
         hidden_states = inputs_embeds
         if self.embed_positions is not None:
@@ -622,6 +645,7 @@ class PerformerModel(PerformerPreTrainedModel):
                 position_ids=position_ids,
                 position_embeddings=rotary,
                 cache_layer=cache.layers[layer.layer_idx] if cache is not None else None,
+                documents=documents,
             )
         hidden_states = self.norm(hidden_states)
 
