@@ -298,6 +298,7 @@ class PackedDocuments:
     index: torch.Tensor
     real: torch.Tensor
     starts: torch.Tensor  # (B, N) bool: the first token of every document
+    positions: torch.Tensor  # (B, N) long: each token's place in its document
     batch: int
     length: int
 
@@ -318,7 +319,7 @@ class PackedDocuments:
         tokens = torch.arange(flat.numel(), device=flat.device)
         index[document, offsets] = tokens
         real[document, offsets] = True
-        return cls(index, real, starts, batch, length)
+        return cls(index, real, starts, offsets.view(batch, length), batch, length)
 
     @classmethod
     def from_positions(cls, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> "PackedDocuments | None":

@@ -613,16 +613,17 @@ class PerformerModel(PerformerPreTrainedModel):
 
         key_mask = self._key_mask(attention_mask, batch, length, past)
         documents = None
+        if kwargs.get("cu_seq_lens_q") is not None:  # flash-attention style packing: positions restart per document
+            documents = PackedDocuments.from_cu_seqlens(kwargs["cu_seq_lens_q"], batch, length)
+            position_ids = documents.positions if position_ids is None else position_ids
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, batch, length, cache, inputs_embeds.device)
         else:
             if position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0).expand(batch, -1)
             position_ids = position_ids[:, -length:]
-            if past == 0 and not torch.compiler.is_compiling():
+            if documents is None and past == 0 and not torch.compiler.is_compiling():
                 documents = PackedDocuments.from_positions(position_ids, key_mask)
-        if kwargs.get("cu_seq_lens_q") is not None:
-            documents = PackedDocuments.from_cu_seqlens(kwargs["cu_seq_lens_q"], batch, length)
         if documents is not None and cache is not None:
             if past_key_values is not None:
                 raise ValueError(f"{cache_name} cannot hold packed documents (positions restarting inside a row, or "
