@@ -7,7 +7,11 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 # Importing attention_backend registers attn_implementation="performer" with transformers.
@@ -27,7 +31,11 @@ from .feature_maps import (
 from .kernel_attention import KernelAttention
 from .modeling_performer import (
     PerformerForCausalLM,
+    PerformerForMaskedLM,
+    PerformerForMultipleChoice,
+    PerformerForQuestionAnswering,
     PerformerForSequenceClassification,
+    PerformerForTokenClassification,
     PerformerModel,
     PerformerPreTrainedModel,
 )
@@ -38,6 +46,10 @@ AutoConfig.register("performer", PerformerConfig, exist_ok=True)
 AutoModel.register(PerformerConfig, PerformerModel, exist_ok=True)
 AutoModelForCausalLM.register(PerformerConfig, PerformerForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(PerformerConfig, PerformerForSequenceClassification, exist_ok=True)
+AutoModelForMaskedLM.register(PerformerConfig, PerformerForMaskedLM, exist_ok=True)
+AutoModelForTokenClassification.register(PerformerConfig, PerformerForTokenClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(PerformerConfig, PerformerForQuestionAnswering, exist_ok=True)
+AutoModelForMultipleChoice.register(PerformerConfig, PerformerForMultipleChoice, exist_ok=True)
 
 # save_pretrained() copies the modeling code and writes `auto_map`, so checkpoints load with trust_remote_code=True
 # where hf_performer is not installed.
@@ -45,6 +57,10 @@ PerformerConfig.register_for_auto_class()
 PerformerModel.register_for_auto_class("AutoModel")
 PerformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 PerformerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+PerformerForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+PerformerForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+PerformerForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+PerformerForMultipleChoice.register_for_auto_class("AutoModelForMultipleChoice")
 
 __all__ = [
     "PerformerKernel",
@@ -54,6 +70,10 @@ __all__ = [
     "PerformerModel",
     "PerformerForCausalLM",
     "PerformerForSequenceClassification",
+    "PerformerForMaskedLM",
+    "PerformerForTokenClassification",
+    "PerformerForQuestionAnswering",
+    "PerformerForMultipleChoice",
     "PerformerPreTrainedModel",
     "PerformerCache",
     "PerformerFeatureRedrawCallback",

@@ -1,7 +1,8 @@
 """Performer models for Hugging Face Transformers: kernel (linear) attention, arXiv 2009.14794.
 
 Layout follows transformers' Llama: PerformerPreTrainedModel -> PerformerModel -> PerformerForCausalLM /
-PerformerForSequenceClassification. The attention kinds live in ``attention.py`` (over ``ops.py``, ``local_ops.py``
+PerformerForSequenceClassification, and BERT's encoder heads (PerformerForMaskedLM, PerformerForTokenClassification,
+PerformerForQuestionAnswering, PerformerForMultipleChoice). The attention kinds live in ``attention.py`` (over ``ops.py``, ``local_ops.py``
 and ``feature_maps.py``); this file wires them into transformers.
 """
 
@@ -15,11 +16,16 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
@@ -770,6 +776,27 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         )
 
 
+def real_token_mask(input_ids, attention_mask, pad_token_id, batch: int, length: int, device) -> torch.Tensor:
+    """(B, N) bool, True at real tokens: the attention mask, else the non-pad ids, else every token."""
+    if attention_mask is not None:
+        return attention_mask.bool()
+    if input_ids is not None and pad_token_id is not None:
+        return input_ids != pad_token_id
+    return torch.ones(batch, length, dtype=torch.bool, device=device)
+
+
+def pool_real_tokens(hidden_states: torch.Tensor, real: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, N, D) -> (B, D), respecting padding: a bidirectional encoder averages its real tokens, a causal model
+    takes its last real token (the only one that has seen the whole sequence)."""
+    batch, length = hidden_states.shape[:2]
+    if causal:
+        positions = torch.arange(length, device=real.device).expand(batch, length)  # (B, N)
+        last = (positions * real).argmax(-1)  # (B,) rightmost real token, left or right padding
+        return hidden_states[torch.arange(batch, device=real.device), last]
+    weights = real.to(hidden_states.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 class PerformerForSequenceClassification(PerformerPreTrainedModel):
     """Sequence classification. Pooling respects padding: a bidirectional encoder averages its real tokens, a
     causal model takes its last real token (the only one that has seen the whole sequence)."""
@@ -786,13 +813,6 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
-
-    def _real_tokens(self, input_ids, attention_mask, batch, length, device) -> torch.Tensor:
-        if attention_mask is not None:
-            return attention_mask.bool()
-        if input_ids is not None and self.config.pad_token_id is not None:
-            return input_ids != self.config.pad_token_id
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
 
     @can_return_tuple
     def forward(
@@ -818,19 +838,262 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
         )
         hidden_states = outputs.last_hidden_state  # (B, N, D)
         batch, length = hidden_states.shape[:2]
-        real = self._real_tokens(input_ids, attention_mask, batch, length, hidden_states.device)  # (B, N)
-        if self.config.causal:
-            positions = torch.arange(length, device=real.device).expand(batch, length)
-            last = (positions * real).argmax(-1)  # rightmost real token, left or right padding
-            pooled = hidden_states[torch.arange(batch, device=real.device), last]
-        else:
-            weights = real.to(hidden_states.dtype).unsqueeze(-1)
-            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        logits = self.score(pooled)
+        real = real_token_mask(input_ids, attention_mask, self.config.pad_token_id, batch, length,
+                               hidden_states.device)  # (B, N)
+        logits = self.score(pool_real_tokens(hidden_states, real, self.config.causal))  # (B, num_labels)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder heads (BERT's task heads over PerformerModel)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PerformerMaskedLMHead(nn.Module):
+    """BERT's prediction head: dense + activation + LayerNorm, then the decoder onto the vocabulary, whose weight is
+    the input embedding matrix (tied) and whose bias is per token."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden_states))))  # (B, N, D) -> (B, N, V)
+
+
+class PerformerForMaskedLM(PerformerPreTrainedModel):
+    """Masked language modeling (BERT's objective): every position predicts its token from both sides, so the model
+    must be a bidirectional encoder (``causal=False``)."""
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__(config)
+        if config.causal:
+            raise ValueError("PerformerForMaskedLM needs causal=False in its config: a masked token is predicted "
+                             "from the tokens on both sides, which a causal model never sees")
+        self.model = PerformerModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = PerformerMaskedLMHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, value):
+        self.lm_head.decoder = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        r"""
+        labels: (B, N) token ids at the masked positions, -100 elsewhere (``DataCollatorForLanguageModeling``
+            makes them); not shifted. ``num_items_in_batch`` / ``ignore_index`` in ``kwargs`` reach
+            ``self.loss_function``.
+        Other arguments: see ``PerformerModel.forward``.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, N, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class PerformerForTokenClassification(PerformerPreTrainedModel):
+    """One label per token (NER, tagging): dropout and a linear layer over each hidden state."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PerformerModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        r"""
+        labels: (B, N) class indices, -100 at tokens without a label (padding, sub-word continuations).
+        Other arguments: see ``PerformerModel.forward``.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))  # (B, N, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class PerformerForQuestionAnswering(PerformerPreTrainedModel):
+    """Extractive question answering: a start and an end logit per token. Padded positions get the lowest logit, so
+    a span never starts or ends in the padding of a batch."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__(config)
+        self.model = PerformerModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> QuestionAnsweringModelOutput:
+        r"""
+        start_positions / end_positions: (B,) token index of the answer's first and last token; positions outside
+            the sequence are ignored by the loss (as in BERT).
+        Other arguments: see ``PerformerModel.forward``.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)  # (B, N, 2)
+        if attention_mask is not None:
+            padding = ~attention_mask.bool().unsqueeze(-1)  # (B, N, 1)
+            logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min)
+        start_logits, end_logits = (part.squeeze(-1).contiguous() for part in logits.split(1, dim=-1))  # (B, N)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                            hidden_states=outputs.hidden_states)
+
+
+class PerformerForMultipleChoice(PerformerPreTrainedModel):
+    """Multiple choice (SWAG, RACE): each of the C choices, paired with its prompt, is one sequence; the pooled
+    sequence (as in ``PerformerForSequenceClassification``) gets one score, and the scores of a question compete in
+    a softmax."""
+
+    def __init__(self, config: PerformerConfig):
+        super().__init__(config)
+        self.model = PerformerModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.score = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    @staticmethod
+    def _flatten_choices(name: str, value: torch.Tensor | None, dims: int) -> torch.Tensor | None:
+        """(B, C, ...) -> (B * C, ...); ``dims`` is the number of dimensions the per-choice input must have."""
+        if value is None:
+            return None
+        if value.dim() != dims:
+            raise ValueError(f"{name} must have shape (batch, num_choices, sequence{', hidden' if dims == 4 else ''}) "
+                             f"for multiple choice; got shape {tuple(value.shape)}")
+        return value.flatten(0, 1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MultipleChoiceModelOutput:
+        r"""
+        input_ids / attention_mask / position_ids: (B, C, N); inputs_embeds: (B, C, N, D).
+        labels: (B,) index of the right choice, in [0, C).
+        Other arguments: see ``PerformerModel.forward``.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        input_ids = self._flatten_choices("input_ids", input_ids, 3)  # (B*C, N)
+        attention_mask = self._flatten_choices("attention_mask", attention_mask, 3)  # (B*C, N)
+        position_ids = self._flatten_choices("position_ids", position_ids, 3)  # (B*C, N)
+        inputs_embeds = self._flatten_choices("inputs_embeds", inputs_embeds, 4)  # (B*C, N, D)
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B*C, N, D)
+        flat, length = hidden_states.shape[:2]
+        real = real_token_mask(input_ids, attention_mask, self.config.pad_token_id, flat, length,
+                               hidden_states.device)  # (B*C, N)
+        pooled = pool_real_tokens(hidden_states, real, self.config.causal)  # (B*C, D)
+        logits = self.score(self.dropout(pooled)).view(-1, num_choices)  # (B, C)
+        loss = None
+        if labels is not None:
+            # transformers has no ForMultipleChoice loss_function: BERT's cross-entropy over the choices, through the
+            # helper its losses share, so the Trainer's num_items_in_batch (gradient accumulation) is honoured
+            loss = fixed_cross_entropy(logits.float(), labels.view(-1).to(logits.device), **kwargs)
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
 __all__ = [
@@ -838,4 +1101,8 @@ __all__ = [
     "PerformerModel",
     "PerformerForCausalLM",
     "PerformerForSequenceClassification",
+    "PerformerForMaskedLM",
+    "PerformerForTokenClassification",
+    "PerformerForQuestionAnswering",
+    "PerformerForMultipleChoice",
 ]
