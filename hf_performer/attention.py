@@ -26,7 +26,7 @@ import torch
 
 from .feature_maps import FeatureMap
 from .local_ops import masked_softmax_attention, sliding_window_attention, window_reach, windowed_kernel_attention
-from .ops import causal_exp_attention, causal_linear_attention, linear_attention
+from .ops import causal_exp_attention, causal_linear_attention, kernel_sums, linear_attention, linear_attention_output
 
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding states: batch-first tensors, so beam search can reorder them all the same way
@@ -64,6 +64,10 @@ class KernelState(DecodingState):
     kv: torch.Tensor | None = None
     log_scale: torch.Tensor | None = None
 
+    @property
+    def filled(self) -> bool:
+        return self.kv is not None
+
 
 @dataclass
 class WindowState(DecodingState):
@@ -74,6 +78,10 @@ class WindowState(DecodingState):
     values: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.keys is not None
 
 
 @dataclass
@@ -281,6 +289,35 @@ def begin_kernel(q, k, v, key_mask, positions, state: BeginKernelState | None, o
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Cross-attention: decoder queries against encoder states
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cross_attention(q, k, v, key_mask, positions, state: KernelState | WindowState | None, options):
+    """Bidirectional attention of decoder queries over encoder states (``key_mask``: the encoder's padding). The
+    key side never changes while decoding, so it is computed on the first call and kept in ``state``: kernel
+    attention keeps its (m, d + 1) kernel sums, exact softmax its keys and values; later calls pass ``k = v = None``.
+    Per-token feature maps only (``supports_causal``): the sums must not depend on the queries."""
+    filled = state is not None and state.filled
+    if isinstance(options, SoftmaxOptions):
+        if filled:
+            k, v, key_mask = state.keys, state.values, state.key_mask
+        elif state is not None:
+            state = WindowState(k, v, None, _real(key_mask, k))
+        out = masked_softmax_attention(q, k, v, key_mask=_real(key_mask, k), causal=False, scale=options.scale)
+        return out, state
+    feature_map = options.feature_map
+    if filled:
+        kv = state.kv
+    else:
+        k_features, k_log_scale = feature_map.key_features(k * options.qk_scale)  # (B, h, S, m), (B, h, S)
+        kv = kernel_sums(k_features, v, k_log_scale=k_log_scale, key_mask=key_mask)  # (B, h, m, d + 1)
+        state = KernelState(kv) if state is not None else None
+    q_features = feature_map.query_features(q * options.qk_scale)  # (B, h, N, m)
+    return linear_attention_output(q_features, kv).to(q.dtype), state
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Packed documents: several sequences in one row, attention reset at every boundary
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -372,6 +409,8 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
     "local": AttentionKind(local_attention, LocalOptions, WindowState),
     "windowed_kernel": AttentionKind(windowed_kernel, WindowedKernelOptions, WindowState),
     "begin_kernel": AttentionKind(begin_kernel, BeginKernelOptions, BeginKernelState),
+    "cross_kernel": AttentionKind(cross_attention, KernelOptions, KernelState),
+    "cross_softmax": AttentionKind(cross_attention, SoftmaxOptions, WindowState),
 }
 
 
@@ -407,6 +446,7 @@ __all__ = [
     "WindowedKernelOptions",
     "attend",
     "begin_kernel",
+    "cross_attention",
     "kernel_attention",
     "local_attention",
     "softmax_attention",

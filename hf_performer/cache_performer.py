@@ -36,8 +36,8 @@ def resolve_cache_argument(cache, past_key_values):
 
 class PerformerCacheLayer:
     """The state of one layer: ``attention`` (its global heads' state, of the type its attention kind declares),
-    ``local`` (its local heads' window), ``shift_attn`` / ``shift_mlp`` (B, 1, D): the last token seen by each
-    token shift. Each starts as None and is filled by the first forward."""
+    ``local`` (its local heads' window), ``cross`` (the encoder side of its cross-attention), ``shift_attn`` /
+    ``shift_mlp`` (B, 1, D): the last token seen by each token shift. Each starts as None and is filled by the first forward."""
 
     is_compileable = False
     is_croppable = False
@@ -50,11 +50,12 @@ class PerformerCacheLayer:
     def reset(self) -> None:
         self.attention: DecodingState | None = None
         self.local: WindowState | None = None
+        self.cross: DecodingState | None = None  # the encoder side of cross-attention, computed once
         self.shift_attn: torch.Tensor | None = None
         self.shift_mlp: torch.Tensor | None = None
 
     def _map_batch(self, fn) -> None:
-        for state in (self.attention, self.local):
+        for state in (self.attention, self.local, self.cross):
             if state is not None:
                 state.map_batch(fn)
         if self.shift_attn is not None:
@@ -78,7 +79,7 @@ class PerformerCacheLayer:
         )
 
     def nbytes(self) -> int:
-        total = sum(state.nbytes() for state in (self.attention, self.local) if state is not None)
+        total = sum(state.nbytes() for state in (self.attention, self.local, self.cross) if state is not None)
         return total + sum(t.numel() * t.element_size() for t in (self.shift_attn, self.shift_mlp) if t is not None)
 
     def __repr__(self) -> str:

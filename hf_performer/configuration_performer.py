@@ -241,6 +241,11 @@ class PerformerConfig(PreTrainedConfig):
 
     Head: lm_head_bias gives the untied output layer a bias (performer-pytorch's ``to_out``).
 
+    Encoder-decoder (transformers' way, set by ``EncoderDecoderModel``): is_decoder, add_cross_attention: each
+    layer of a causal decoder also attends to ``encoder_hidden_states`` with bidirectional kernel attention (the
+    encoder's padding removed from numerator and normaliser; while decoding the encoder side's kernel sums are
+    computed once and kept in the cache).
+
     Every field is checked at construction (and on assignment) against its type and range: bool fields take real
     bools only (not 0/1 or strings such as ``"false"``), int fields reject bools and floats, float fields reject
     strings, NaN and inf. Errors are ``TypeError`` (wrong type) or ``ValueError`` (out of range, or inconsistent
@@ -300,6 +305,9 @@ class PerformerConfig(PreTrainedConfig):
     rope_theta: int | float | None = _field(None, _number(0, low_open=True))
     axial_pos_shape: list[int] | tuple[int, ...] | None = _field(None, _POSITIVE)
     axial_pos_embds_dim: list[int] | tuple[int, ...] | None = _field(None, _POSITIVE)
+
+    is_decoder: bool = False
+    add_cross_attention: bool = False
 
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -388,6 +396,21 @@ class PerformerConfig(PreTrainedConfig):
         if self.feature_map == EXACT and (self.begin_kernel or self.scale_by_length):
             raise ValueError("begin_kernel and scale_by_length are kernel-attention options; feature_map='exact' "
                              "is softmax everywhere already")
+
+    def validate_cross_attention(self):
+        if self.is_decoder and not self.causal:
+            raise ValueError("is_decoder=True needs causal=True (a decoder attends to its past only)")
+        if self.add_cross_attention:
+            if not self.causal:
+                raise ValueError("add_cross_attention=True needs causal=True: cross-attention belongs to a decoder")
+            if self.feature_map not in (EXACT, *FEATURE_MAPS) or self.feature_map == EXACT:
+                return
+            if not FEATURE_MAPS[self.feature_map].supports_causal:
+                raise ValueError(
+                    f"add_cross_attention=True cannot use feature_map={self.feature_map!r}: its features depend on "
+                    "statistics of the queries too, so the encoder side's kernel sums could not be computed once "
+                    "and kept while decoding; use a per-token map such as 'favor+'"
+                )
 
     def validate_feature_map(self):
         _check_feature_map(self.feature_map)  # the registry may have changed since the field was set

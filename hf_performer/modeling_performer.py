@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
+    CausalLMOutputWithCrossAttentions,
     MaskedLMOutput,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
@@ -263,6 +264,64 @@ class PerformerAttention(nn.Module):
         if self.feature_map is not None and self.feature_map.is_random:
             self.feature_map.new_feature_map(torch.Generator().manual_seed(seed))
 
+    @property
+    def feature_index(self) -> int:
+        """Which stream of ``feature_seed`` this module's features come from."""
+        return self.layer_idx
+
+
+class PerformerCrossAttention(nn.Module):
+    """A decoder layer's attention over the encoder's states (``EncoderDecoderModel``): bidirectional kernel
+    attention with the layer's feature map (exact softmax with ``feature_map="exact"``), the encoder's padding
+    removed. While decoding, the encoder side's kernel sums are computed once and kept in the cache."""
+
+    def __init__(self, config: PerformerConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_hidden_layers = config.num_hidden_layers
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.o_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.dropout = nn.Dropout(config.attention_dropout)
+        self.feature_map: FeatureMap | None = None
+        if config.feature_map == EXACT:
+            self.kind, self.options = "cross_softmax", SoftmaxOptions(causal=False)
+        else:
+            self.feature_map = build_feature_map(
+                config.feature_map, self.head_dim, num_features=config.num_random_features,
+                orthogonal=config.orthogonal_features, norm_scaling=config.feature_norm_scaling,
+                options=config.feature_map_kwargs, seed=feature_seed(config.feature_seed, self.feature_index, 0),
+            )
+            self.kind = "cross_kernel"
+            self.options = KernelOptions(self.feature_map, causal=False, qk_scale=config.qk_scale,
+                                         queries_are_keys=False)
+
+    @property
+    def feature_index(self) -> int:
+        # self-attention uses streams 0 .. L-1; cross-attention the next L, so no two modules share a projection
+        return self.num_hidden_layers + self.layer_idx
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_mask=None, cache_layer=None) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        state = None if cache_layer is None else cache_layer.cross or ATTENTION_KINDS[self.kind].state()
+        k = v = None
+        if state is None or not state.filled:  # the encoder side: once per encoded sequence
+            shape = (batch, encoder_hidden_states.shape[1], -1, self.head_dim)
+            k = self.k_proj(encoder_hidden_states).view(shape).transpose(1, 2)  # (B, H, S, d)
+            v = self.v_proj(encoder_hidden_states).view(shape).transpose(1, 2)  # (B, H, S, d)
+        out, state = attend(self.kind, q, k, v, encoder_mask, None, state, self.options)
+        if cache_layer is not None:
+            cache_layer.cross = state
+        return self.o_proj(self.dropout(out.transpose(1, 2).reshape(batch, length, -1)))
+
+    def redraw_features(self, seed: int) -> None:
+        if self.feature_map is not None and self.feature_map.is_random:
+            self.feature_map.new_feature_map(torch.Generator().manual_seed(seed))
+
 
 def global_attention_kind(config: PerformerConfig) -> str:
     """The ``attention.ATTENTION_KINDS`` entry the global heads of every layer run."""
@@ -363,8 +422,9 @@ class PerformerTokenShift(nn.Module):
 
 
 class PerformerDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + ff(norm(x)). With ``norm_type='rezero'`` there is no norm and
-    each branch is scaled by a learned scalar that starts at 0 (arXiv 2003.04887)."""
+    """Pre-norm block: x + attn(norm(x)), [x + cross_attn(norm(x), encoder states)], then x + ff(norm(x)). With
+    ``norm_type='rezero'`` there is no norm and each branch is scaled by a learned scalar that starts at 0
+    (arXiv 2003.04887)."""
 
     def __init__(self, config: PerformerConfig, layer_idx: int):
         super().__init__()
@@ -380,6 +440,12 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
             self.rezero_mlp = nn.Parameter(torch.zeros(1))
         self.shift_attn = PerformerTokenShift(config) if config.shift_tokens else None
         self.shift_mlp = PerformerTokenShift(config) if config.shift_tokens else None
+        self.cross_attn = self.cross_attn_norm = None
+        if config.add_cross_attention:
+            self.cross_attn = PerformerCrossAttention(config, layer_idx)
+            self.cross_attn_norm = build_norm(config)
+            if self.rezero:
+                self.rezero_cross = nn.Parameter(torch.zeros(1))
 
     def forward(
         self,
@@ -389,6 +455,8 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_layer: PerformerCacheLayer | None = None,
         documents: PackedDocuments | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         starts = documents.starts if documents is not None else None
@@ -400,6 +468,10 @@ class PerformerDecoderLayer(GradientCheckpointingLayer):
         attn = self.self_attn(x, key_mask=key_mask, position_ids=position_ids,
                               position_embeddings=position_embeddings, cache_layer=cache_layer, documents=documents)
         hidden_states = hidden_states + self.dropout(attn * self.rezero_attn if self.rezero else attn)
+        if self.cross_attn is not None and encoder_hidden_states is not None:
+            cross = self.cross_attn(self.cross_attn_norm(hidden_states), encoder_hidden_states, encoder_mask,
+                                    cache_layer)
+            hidden_states = hidden_states + self.dropout(cross * self.rezero_cross if self.rezero else cross)
         x = self.mlp_norm(hidden_states)
         if self.shift_mlp is not None:
             x, last = self.shift_mlp(x, key_mask, cache_layer.shift_mlp if cache_layer is not None else None, starts)
@@ -465,6 +537,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PerformerDecoderLayer) and module.rezero:
             init.zeros_(module.rezero_attn)
             init.zeros_(module.rezero_mlp)
+            if module.cross_attn is not None:
+                init.zeros_(module.rezero_cross)
         elif isinstance(module, PerformerModel):
             init.zeros_(module.feature_redraws)
 
@@ -483,8 +557,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
         return result
 
     # -- random features -----------------------------------------------------------------------------------------
-    def _attention_layers(self) -> list[PerformerAttention]:
-        return [module for module in self.modules() if isinstance(module, PerformerAttention)]
+    def _attention_layers(self) -> list[PerformerAttention | PerformerCrossAttention]:
+        return [module for module in self.modules() if isinstance(module, (PerformerAttention, PerformerCrossAttention))]
 
     @property
     def feature_redraw_count(self) -> int:
@@ -506,7 +580,7 @@ class PerformerPreTrainedModel(PreTrainedModel):
         self.base_model.feature_version += 1  # caches summed with the old features can no longer be continued
         base = self.config.feature_seed if seed is None else seed
         for layer in self._attention_layers():
-            layer.redraw_features(feature_seed(base, layer.layer_idx, int(counter.item())))
+            layer.redraw_features(feature_seed(base, layer.feature_index, int(counter.item())))
         return True
 
     def fix_features(self) -> None:
@@ -593,6 +667,8 @@ class PerformerModel(PerformerPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cache: PerformerCache | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
         r"""
@@ -603,6 +679,8 @@ class PerformerModel(PerformerPreTrainedModel):
         position_ids: (B, N) or (N,); default: real tokens counted, continuing from the cache.
         cache / past_key_values: a ``PerformerCache`` to continue from (``cache`` is transformers >= 5.24's name).
         use_cache: return the cache (default ``config.use_cache``; causal models whose attention streams only).
+        encoder_hidden_states / encoder_attention_mask: (B, S, D) and (B, S) 0/1, what the cross-attention of a
+            decoder (``add_cross_attention=True``) attends to.
         """
         cache_name = "cache" if cache is not None else "past_key_values"  # as the caller spelled it, for errors
         past_key_values = resolve_cache_argument(cache, past_key_values)
@@ -636,6 +714,7 @@ class PerformerModel(PerformerPreTrainedModel):
                                  "cu_seq_lens): decode one sequence per row")
             cache = None  # the default use_cache: packed training keeps no state
 
+        encoder_mask = self._encoder_mask(encoder_hidden_states, encoder_attention_mask)
         hidden_states = inputs_embeds
         if self.embed_positions is not None:
             self._check_positions(position_ids)
@@ -653,6 +732,8 @@ class PerformerModel(PerformerPreTrainedModel):
                 position_embeddings=rotary,
                 cache_layer=cache.layers[layer.layer_idx] if cache is not None else None,
                 documents=documents,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_mask=encoder_mask,
             )
         hidden_states = self.norm(hidden_states)
 
@@ -665,7 +746,10 @@ class PerformerModel(PerformerPreTrainedModel):
         """The cache this forward reads and fills, or None."""
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if cache is not None and not isinstance(cache, PerformerCache):
-            raise TypeError(f"{cache_name} must be a PerformerCache (or None), got {type(cache).__name__}")
+            if isinstance(cache, Cache) and cache.get_seq_length() == 0:
+                cache = None  # an empty cache of another kind (EncoderDecoderModel.generate builds one): ours instead
+            else:
+                raise TypeError(f"{cache_name} must be a PerformerCache (or None), got {type(cache).__name__}")
         if not self.config.causal:
             if cache is not None:
                 raise ValueError(f"{cache_name} needs causal=True: a bidirectional encoder has no recurrent state")
@@ -695,6 +779,19 @@ class PerformerModel(PerformerPreTrainedModel):
                 "or redraw features only between sequences"
             )
         return cache
+
+    def _encoder_mask(self, encoder_hidden_states, encoder_attention_mask) -> torch.Tensor | None:
+        if encoder_hidden_states is None:
+            return None
+        if not self.config.add_cross_attention:
+            raise ValueError("encoder_hidden_states needs a decoder with cross-attention: build it with "
+                             "PerformerConfig(add_cross_attention=True) (EncoderDecoderModel sets it)")
+        if encoder_attention_mask is None:
+            return None
+        if tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
+            raise ValueError(f"encoder_attention_mask has shape {tuple(encoder_attention_mask.shape)}; expected "
+                             f"{tuple(encoder_hidden_states.shape[:2])} (batch, encoder length)")
+        return encoder_attention_mask.bool()
 
     def _check_positions(self, position_ids: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
@@ -746,8 +843,10 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: PerformerCache | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithCrossAttentions:
         r"""
         labels: (B, N) token ids, unshifted (the loss shifts them; -100 is ignored). Loss options in ``kwargs``
             (``num_items_in_batch``, ``shift_labels`` for context parallelism, ``ignore_index``) reach
@@ -762,13 +861,17 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
             past_key_values=resolve_cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        # the output class with cross_attentions (always None: kernel attention forms no weights), which
+        # EncoderDecoderModel reads from its decoder
+        return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,

@@ -121,7 +121,14 @@ def linear_attention(q, k, v, *, k_log_scale=None, key_mask=None, implementation
     if impl == "quadratic":
         k, k_log_scale = _mask_keys(k, k_log_scale, key_mask)
         return quadratic_attention(q, k, v, causal=False, k_log_scale=k_log_scale, initial_state=None)[0]
-    ct = _compute_dtype(q.dtype)
+    return linear_attention_output(q, kernel_sums(k, v, k_log_scale=k_log_scale, key_mask=key_mask)).to(v.dtype)
+
+
+def kernel_sums(k, v, *, k_log_scale=None, key_mask=None) -> torch.Tensor:
+    """[sum_u phi(k_u) v_u^T | sum_u phi(k_u)] (B, H, m, d + 1) over the real keys, in float32: the whole key side
+    of non-causal kernel attention, which cross-attention computes once per encoded sequence. With key log scales
+    the sums are taken at the row's largest scale (a common factor, which cancels in the normaliser)."""
+    ct = _compute_dtype(k.dtype)
     v_aug = _append_ones(v.to(ct))  # (B, H, S, d+1)
     # Key scales and the mask weigh the (S, d+1) values rather than the (S, m) keys: fewer numbers to touch.
     weight = None
@@ -135,8 +142,12 @@ def linear_attention(q, k, v, *, k_log_scale=None, key_mask=None, implementation
         weight = keep if weight is None else weight * keep
     if weight is not None:
         v_aug = v_aug * weight.unsqueeze(-1)
-    kv = k.to(ct).transpose(-1, -2) @ v_aug  # (B, H, m, d+1)
-    return _normalise(q.to(ct) @ kv).to(v.dtype)
+    return k.to(ct).transpose(-1, -2) @ v_aug  # (B, H, m, d+1)
+
+
+def linear_attention_output(q, kv: torch.Tensor) -> torch.Tensor:
+    """Queries' features (B, H, N, m) against ``kernel_sums`` (B, H, m, d + 1): (B, H, N, d) in float32."""
+    return _normalise(q.to(kv.dtype) @ kv)
 
 
 def causal_linear_attention(
