@@ -11,7 +11,7 @@ no files), and takes about 5 minutes on 2 CPU cores.
     accelerate launch --multi_gpu --num_processes 2 examples/train_clm.py      # the same through accelerate
     torchrun --nproc_per_node 2 examples/train_clm.py --fsdp "full_shard auto_wrap"   # FSDP (on GPUs)
 
-Every ``TrainingArguments`` flag works (``--bf16``, ``--gradient_checkpointing``, ``--torch_compile``, ...). On CPU,
+Every ``TrainingArguments`` flag works (``--bf16``, ``--activation_checkpointing``, ``--torch_compile``, ...). On CPU,
 accelerate's ``--multi_gpu`` launcher simply starts the processes; they train with gloo.
 """
 
