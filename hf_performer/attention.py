@@ -10,6 +10,11 @@
   previous call (an empty one on the first call); the returned state continues the sequence;
 * ``options``: the kind's frozen settings (``KernelOptions``, ``SoftmaxOptions``, ...).
 
+Kinds: ``kernel`` (every feature map; chunked / quadratic / Triton underneath), ``softmax`` (exact), ``local``
+(sliding-window softmax heads), ``windowed_kernel`` and ``begin_kernel`` (TF KernelAttention's causal variants),
+``cross_kernel`` / ``cross_softmax`` (decoder over encoder states). ``attend`` runs one, with autocast off, and on
+packed documents (``PackedDocuments``) runs it on each document alone.
+
 The functions are plain PyTorch: no config, no cache class, no module. ``PerformerAttention`` (the model),
 ``KernelAttention`` (standalone layer) and ``attn_implementation="performer"`` (any transformers model) are thin
 adapters that build the options once and call these.
