@@ -20,6 +20,7 @@ from .cache_performer import PerformerCache
 from .callbacks import PerformerFeatureRedrawCallback
 from .configuration_performer import PerformerConfig
 from .convert_performer_pytorch import convert_performer_pytorch
+from .decode_step import PerformerDecodeStep
 from .feature_maps import (
     FEATURE_MAPS,
     FeatureMap,
@@ -76,6 +77,7 @@ __all__ = [
     "PerformerForMultipleChoice",
     "PerformerPreTrainedModel",
     "PerformerCache",
+    "PerformerDecodeStep",
     "PerformerFeatureRedrawCallback",
     "FeatureMap",
     "RandomProjectionFeatureMap",

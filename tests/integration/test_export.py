@@ -79,3 +79,26 @@ def test_compile_fullgraph_with_padding_matches_eager():
         ids, mask = padded(2, length, 4, seed=length)
         torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_an_exported_decode_step_continues_the_prompt_at_every_batch_size():
+    from hf_performer.decode_step import PerformerDecodeStep
+
+    model = seeded(PerformerForCausalLM, tiny_config())
+    step = PerformerDecodeStep(model)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    kv, log_scale, positions = step.initial_state(model(ids, use_cache=True).past_key_values)
+    batch = Dim("batch", min=1, max=32)
+    program = export(step, (ids[:, :1], positions, kv, log_scale),
+                     dynamic_shapes=({0: batch}, {0: batch}, {1: batch}, {1: batch}), strict=False)
+    for rows in (3, 1):  # batch sizes other than the traced one, three steps each
+        ids = torch.randint(3, 97, (rows, 5), generator=torch.Generator().manual_seed(rows))
+        kv, log_scale, positions = step.initial_state(model(ids, use_cache=True).past_key_values)
+        sequence = ids
+        for _ in range(3):
+            logits, kv, log_scale = program.module()(sequence[:, -1:] * 0 + 7, positions, kv, log_scale)
+            sequence = torch.cat([sequence, torch.full((rows, 1), 7)], dim=1)
+            positions = positions + 1
+            torch.testing.assert_close(logits, model(sequence).logits[:, -1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shift_tokens"):
+        PerformerDecodeStep(seeded(PerformerForCausalLM, tiny_config(shift_tokens=True)))
