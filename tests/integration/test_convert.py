@@ -28,6 +28,10 @@ from hf_performer import PerformerForCausalLM
 from hf_performer.convert_performer_pytorch import convert_performer_pytorch, main, performer_pytorch_config
 from hf_performer.modeling_performer import PerformerScaleNorm, sinusoidal_table
 
+# Tiny matrices: extra threads only add contention on a shared machine (token-by-token decoding went from ~4 ms to
+# ~200 ms a step with 2 threads under load).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 converter = importlib.import_module("hf_performer.convert_performer_pytorch")  # the package re-exports the function
 
 # No rotary_position_emb here: performer-pytorch's default (True) unless a config says otherwise.
@@ -55,16 +59,6 @@ CONFIGS = {
     "local-heads-axial-scalenorm": dict(ABSOLUTE, axial_position_emb=True, axial_position_shape=(8, 8),
                                         local_attn_heads=(0, 3), local_window_size=8, use_scalenorm=True),
 }
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matrices: extra threads only add contention on a shared machine (token-by-token decoding went from
-    ~4 ms to ~200 ms a step with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -14,26 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from hf_performer import PerformerConfig, PerformerForCausalLM
-from hf_performer.feature_maps import gaussian_projection
-from hf_performer.modeling_performer import feature_seed
+from hf_performer import PerformerConfig
 
-CONFIG = dict(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, nb_features=8,
-              attention_chunk_size=8, attention_implementation="chunked", feature_seed=5)
-DDP_STEPS, DDP_ACCUMULATION, DDP_INTERVAL = 4, 2, 2
-FSDP_STEPS, FSDP_INTERVAL, FSDP_BATCH, LENGTH = 3, 2, 2, 16
-
-
-def fresh_model() -> PerformerForCausalLM:
-    """The same initial weights in every process (the seed is set before the config, whose validation draws)."""
-    torch.manual_seed(0)
-    return PerformerForCausalLM(PerformerConfig(**CONFIG))
-
-
-def fsdp_batch(rank: int, step: int) -> torch.Tensor:
-    return torch.randint(0, CONFIG["vocab_size"], (FSDP_BATCH, LENGTH),
-                         generator=torch.Generator().manual_seed(1000 * step + rank))
-
+from helpers import (DDP_ACCUMULATION, DDP_INTERVAL, DDP_STEPS, DISTRIBUTED_CONFIG, FSDP_INTERVAL, FSDP_STEPS,
+                     TESTS, distributed_model, expected_projection, fsdp_batch)
 
 WORKER = textwrap.dedent("""
     import os
@@ -44,8 +28,8 @@ WORKER = textwrap.dedent("""
     from transformers import Trainer, TrainingArguments
 
     sys.path.insert(0, TESTS_DIR)
-    from test_distributed import (CONFIG, DDP_ACCUMULATION, DDP_INTERVAL, DDP_STEPS, FSDP_INTERVAL, FSDP_STEPS,
-                                  LENGTH, fresh_model, fsdp_batch)
+    from helpers import (DDP_ACCUMULATION, DDP_INTERVAL, DDP_STEPS, DISTRIBUTED_CONFIG, DISTRIBUTED_LENGTH,
+                         FSDP_INTERVAL, FSDP_STEPS, distributed_model, fsdp_batch)
     from hf_performer import PerformerFeatureRedrawCallback
 
     out = sys.argv[1]
@@ -56,8 +40,9 @@ WORKER = textwrap.dedent("""
                              learning_rate=1e-2, save_strategy="no", report_to="none", disable_tqdm=True,
                              ddp_find_unused_parameters=False, seed=0)
     rank = args.process_index
-    ids = torch.randint(0, CONFIG["vocab_size"], (64, LENGTH), generator=torch.Generator().manual_seed(0)).tolist()
-    model = fresh_model()
+    ids = torch.randint(0, DISTRIBUTED_CONFIG["vocab_size"], (64, DISTRIBUTED_LENGTH),
+                        generator=torch.Generator().manual_seed(0)).tolist()
+    model = distributed_model()
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
                       callbacks=[PerformerFeatureRedrawCallback(interval=DDP_INTERVAL)])
     trainer.train()
@@ -67,7 +52,7 @@ WORKER = textwrap.dedent("""
     # -- FSDP2 in a plain loop -----------------------------------------------------------------------------------
     from torch.distributed.fsdp import fully_shard
 
-    model = fresh_model()
+    model = distributed_model()
     for module in model.modules():
         if type(module).__name__ in model._no_split_modules:
             fully_shard(module)
@@ -95,7 +80,7 @@ WORKER = textwrap.dedent("""
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     script = out / "worker.py"
-    script.write_text(WORKER.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__)))))
+    script.write_text(WORKER.replace("TESTS_DIR", repr(str(TESTS))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for attempt in range(2):
         result = subprocess.run(
@@ -114,12 +99,6 @@ def two_ranks(tmp_path_factory):
     return out
 
 
-def expected_projection(config: PerformerConfig, layer: int, redraws: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(feature_seed(config.feature_seed, layer, redraws))
-    return gaussian_projection(config.num_random_features, config.head_dim, orthogonal=config.orthogonal_features,
-                               norm_scaling=config.feature_norm_scaling, generator=generator)
-
-
 def test_ddp_ranks_hold_identical_weights_and_documented_projections(two_ranks):
     ranks = [torch.load(two_ranks / f"ddp_rank{rank}.pt") for rank in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -129,13 +108,13 @@ def test_ddp_ranks_hold_identical_weights_and_documented_projections(two_ranks):
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
-    config = PerformerConfig(**CONFIG)
+    config = PerformerConfig(**DISTRIBUTED_CONFIG)
     redraws = DDP_STEPS // DDP_INTERVAL  # optimizer steps, whatever the accumulation
     assert int(first["model.feature_redraws"]) == redraws
     for layer in range(config.num_hidden_layers):
         projection = first[f"model.layers.{layer}.self_attn.feature_map.projection"]
         torch.testing.assert_close(projection, expected_projection(config, layer, redraws), rtol=0, atol=0)
-    initial = fresh_model().state_dict()
+    initial = distributed_model().state_dict()
     assert not torch.equal(first["model.layers.0.self_attn.q_proj.weight"],
                            initial["model.layers.0.self_attn.q_proj.weight"])  # it trained
 
@@ -143,7 +122,7 @@ def test_ddp_ranks_hold_identical_weights_and_documented_projections(two_ranks):
 def test_fsdp_shards_train_like_one_process_and_agree_on_projections(two_ranks):
     ranks = [torch.load(two_ranks / f"fsdp_rank{rank}.pt") for rank in range(2)]
     assert all(r["sharded"] == "DTensor" for r in ranks)
-    config = PerformerConfig(**CONFIG)
+    config = PerformerConfig(**DISTRIBUTED_CONFIG)
     redraws = FSDP_STEPS // FSDP_INTERVAL
     for name, tensor in ranks[0]["buffers"].items():
         assert torch.equal(tensor, ranks[1]["buffers"][name]), name
@@ -153,7 +132,7 @@ def test_fsdp_shards_train_like_one_process_and_agree_on_projections(two_ranks):
                                    expected_projection(config, layer, redraws), rtol=0, atol=0)
 
     # Single-process reference on both ranks' batches at once.
-    reference = fresh_model()
+    reference = distributed_model()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
     for step in range(1, FSDP_STEPS + 1):
         batch = torch.cat([fsdp_batch(rank, step) for rank in range(2)])

@@ -4,17 +4,15 @@ baseline, saves a complete folder (pushed to a stubbed Hub), generates; generate
 import importlib.util
 import json
 import math
-import shutil
 import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 from datasets import Dataset
-from huggingface_hub import HfApi
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from helpers import REPO
+
+EXAMPLES = REPO / "examples"
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 # A LayerNorm + GELU block learns faster than the default Llama-style one at this tiny width (and exercises
 # --config_overrides).
 TINY = ["--config_overrides", '{"norm_type": "layernorm", "ff_glu": false, "hidden_act": "gelu", "mlp_bias": true}',
@@ -32,35 +30,9 @@ def load_example(name: str):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def train_clm():
     return load_example("train_clm")
-
-
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    hub = tmp_path / "hub"
-
-    def create_repo(self, repo_id, **kwargs):
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        for operation in operations:
-            target = hub / repo_id / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(operation.path_or_fileobj, target)
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    return hub
 
 
 def test_unigram_baseline_is_the_cross_entropy_of_train_frequencies(train_clm):
@@ -96,7 +68,7 @@ def test_train_clm_beats_the_unigram_baseline_saves_pushes_and_generates(train_c
     saved = json.loads((output_dir / "eval_results.json").read_text())
     assert saved["validation_loss"] == pytest.approx(results["validation_loss"])
     assert "model-index" in (output_dir / "README.md").read_text()
-    assert sorted(p.name for p in (offline_hub / "someone/pydoc-performer").iterdir()) == \
+    assert sorted(p.name for p in (offline_hub.root / "someone/pydoc-performer").iterdir()) == \
         sorted(p.name for p in output_dir.iterdir())
     assert f"saved to {output_dir.resolve()}" in printed
     assert "sample ('The with statement'):\nThe with statement" in printed

@@ -2,9 +2,9 @@
 and its quality recovers by distillation (measured against the softmax model's own perplexity)."""
 
 import importlib.util
-from pathlib import Path
+from helpers import REPO
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "performerize.py"
+EXAMPLE = REPO / "examples" / "performerize.py"
 
 
 def load_example():

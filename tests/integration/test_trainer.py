@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,21 +17,11 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_performer import PerformerConfig, PerformerFeatureRedrawCallback, PerformerForCausalLM
-from hf_performer.feature_maps import gaussian_projection
-from hf_performer.modeling_performer import feature_seed
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, expected_projection
+
+pytestmark = pytest.mark.usefixtures("single_thread_per_module")  # tiny models: two threads only wait
 LENGTH = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Models this small run faster on one thread than on two that wait for each other (more so on a busy
-    machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(**overrides) -> PerformerForCausalLM:
@@ -60,12 +49,6 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
                    logging_steps=1, dataloader_num_workers=0)
     options.update(overrides)
     return TrainingArguments(**options)
-
-
-def expected_projection(config: PerformerConfig, layer: int, redraws: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(feature_seed(config.feature_seed, layer, redraws))
-    return gaussian_projection(config.num_random_features, config.head_dim, orthogonal=config.orthogonal_features,
-                               norm_scaling=config.feature_norm_scaling, generator=generator)
 
 
 def projections(model) -> list[torch.Tensor]:

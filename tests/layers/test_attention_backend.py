@@ -6,6 +6,8 @@ Run this file as a script to print the error-vs-feature-count table.
 """
 
 import math
+import os
+import sys
 import tempfile
 
 import pytest
@@ -24,6 +26,10 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_
 from hf_performer import prepare_model_for_performer_attention
 from hf_performer.attention_backend import performer_attention_forward, resolve_mask
 from hf_performer.cache_performer import CACHE_NAME  # past_key_values before transformers 5.24
+
+if __name__ == "__main__":  # run as a script (the README's table): tests/ holds helpers.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import kernel_attention_reference  # noqa: E402
 
 VOCAB = 96
 
@@ -109,20 +115,6 @@ def test_outputs_approach_softmax_as_features_grow(name):
     assert errors[2] < errors[0] / 3, errors  # Monte-Carlo error ~ 1/sqrt(m): 64x the features, ~8x less error
 
 
-def naive_kernel_attention(feature_map, q, k, v, scaling, causal, key_mask):
-    """sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), from the plain features, in float64."""
-    root = math.sqrt(scaling)
-    phi_q = feature_map.forward_queries(q.double() * root).double()  # (B, H, N, m)
-    phi_k = feature_map.forward_keys(k.double() * root).double()  # (B, H, S, m)
-    weights = phi_q @ phi_k.transpose(-1, -2)  # (B, H, N, S)
-    n, s = weights.shape[-2:]
-    allowed = key_mask[:, None, None, :].clone() if key_mask is not None else torch.ones(1, 1, n, s, dtype=torch.bool)
-    if causal:
-        allowed = allowed & (torch.arange(s)[None, :] <= torch.arange(n)[:, None] + (s - n))
-    weights = weights * allowed
-    return ((weights @ v.double()) / weights.sum(-1, keepdim=True)).transpose(1, 2)  # (B, N, H, d)
-
-
 @pytest.mark.parametrize("causal, q_len, kv_len", [(True, 12, 12), (True, 5, 12), (True, 1, 12), (False, 12, 12)])
 def test_function_matches_direct_kernel_evaluation(causal, q_len, kv_len):
     """GQA, scaling, padding, causality and cached prefixes, against the quadratic formula."""
@@ -141,10 +133,12 @@ def test_function_matches_direct_kernel_evaluation(causal, q_len, kv_len):
     scaling = 0.3
     out, weights = performer_attention_forward(module, q, k, v, mask, scaling=scaling)
     assert weights is None and out.shape == (2, q_len, 4, 16)
-    expected = naive_kernel_attention(module.performer_kernel.feature_map, q, k.repeat_interleave(2, 1),
-                                      v.repeat_interleave(2, 1), scaling, causal, padding)
-    valid = torch.isfinite(expected)  # queries that see no key at all (left padding) have no defined output
-    torch.testing.assert_close(out.double()[valid], expected[valid], rtol=1e-4, atol=1e-5)
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    expected = kernel_attention_reference(module.performer_kernel.feature_map, q.double(), k.double(), v,
+                                          scale=scaling, causal=causal, key_mask=padding)
+    expected = expected.transpose(1, 2)  # (B, N, H, d), as attention functions return it
+    # queries that see no key at all (left padding) output 0, as the reference says
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_additive_and_2d_masks_agree_with_boolean_masks():

@@ -6,20 +6,7 @@ import torch
 from hf_performer import PerformerCache, PerformerForCausalLM, PerformerModel
 from hf_performer.ops import naive_kernel_attention
 
-from conftest import tiny_config
-
-
-def seeded(model_class, config, seed=0):
-    torch.manual_seed(seed)
-    return model_class(config).eval()
-
-
-def padded_batch(length=20, pads=(0, 7), vocab=97):
-    ids = torch.randint(3, vocab, (len(pads), length))
-    mask = torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+from helpers import kernel_attention_reference, padded_batch, seeded, tiny_config
 
 
 # -- local heads ----------------------------------------------------------------------------------------------
@@ -332,22 +319,72 @@ def test_gradient_checkpointing_with_local_heads_and_shift():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def _rotate(x, positions, theta):
+    """RoFormer rotary from its formula, in float64: inv_freq_i = theta ** (-2i / d), angles p * inv_freq repeated
+    for both halves, x cos + rotate_half(x) sin with rotate_half(x) = [-x2, x1] (the GPT-NeoX / Llama layout)."""
+    d = x.shape[-1]
+    inv_freq = torch.tensor([theta ** (-2 * i / d) for i in range(d // 2)], dtype=torch.float64)
+    angles = positions.double()[:, None] * inv_freq[None, :]  # (N, d/2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x.double()[..., : d // 2], x.double()[..., d // 2:]
+    return x.double() * cos + torch.cat([-x2, x1], -1) * sin
+
+
 def test_local_rotary_rotates_only_the_local_heads():
+    """One layer, 2 global (FAVOR+) + 2 local heads, local_rotary: the attention output before o_proj equals an
+    independent float64 reference from the captured q, k, v projections: global heads kernel attention on the
+    unrotated q, k (feature map + the naive reference), local heads a masked softmax over the window with q and k
+    rotated by the documented formula. The global heads are rotation-free: other rotary frequencies change the
+    local heads only."""
     config = tiny_config(local_attn_heads=2, local_window_size=4, position_embedding_type="none", local_rotary=True,
                          num_hidden_layers=1)
     model = seeded(PerformerModel, config)
     attn = model.layers[0].self_attn
     captured = {}
-    attn.q_proj.register_forward_hook(lambda m, a, out: captured.setdefault("q", out))
-    ids = torch.randint(3, 97, (1, 6))
-    model(ids)
-    plain = captured["q"].view(1, 6, 4, 8).transpose(1, 2)
-    cos, sin = model.rotary_emb(plain, torch.arange(6)[None])
+    hooks = [getattr(attn, f"{name}_proj").register_forward_hook(
+        lambda m, a, out, name=name: captured.__setitem__(name, out)) for name in "qkv"]
+    hooks.append(attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("o", a[0])))
+    B, N, H, d = 2, 10, 4, 8
+    ids = torch.randint(3, 97, (B, N))
+    with torch.no_grad():
+        model(ids)
+    plain = captured["q"].view(B, N, H, d).transpose(1, 2)
+    cos, sin = model.rotary_emb(plain, torch.arange(N)[None])
     from hf_performer.modeling_performer import apply_rotary
 
     rotated = apply_rotary(plain, cos, sin, first_head=2)
     assert torch.equal(rotated[:, :2], plain[:, :2])
     assert not torch.allclose(rotated[:, 2:, 1:], plain[:, 2:, 1:])
+
+    q, k, v = (captured[name].view(B, N, H, d).transpose(1, 2) for name in "qkv")  # (B, H, N, d), unrotated
+    # global heads 0-1: FAVOR+ on unrotated q, k (the model scales q and k by qk_scale before the features)
+    global_out = kernel_attention_reference(attn.feature_map, q[:, :2] * config.qk_scale, k[:, :2] * config.qk_scale,
+                                            v[:, :2], causal=True)
+    # local heads 2-3: softmax over j in (i - 4, i], q and k rotated by their absolute positions
+    positions = torch.arange(N)
+    theta = config.rope_parameters["rope_theta"]
+    q_rot, k_rot = _rotate(q[:, 2:], positions, theta), _rotate(k[:, 2:], positions, theta)
+    i, j = positions[:, None], positions[None, :]
+    allowed = (j <= i) & (i - j < 4)
+    scores = (q_rot @ k_rot.transpose(-1, -2)) * d**-0.5
+    local_out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v[:, 2:].double()
+    expected = torch.cat([global_out, local_out], 1).transpose(1, 2).reshape(B, N, H * d)
+    out = captured["o"]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # the rotation matters for the local heads (without it the reference is far off) ...
+    unrotated = (q[:, 2:].double() @ k[:, 2:].double().transpose(-1, -2)) * d**-0.5
+    unrotated = (unrotated.masked_fill(~allowed, float("-inf")).softmax(-1) @ v[:, 2:].double()).transpose(1, 2)
+    assert (out.view(B, N, H, d)[:, :, 2:].double() - unrotated).abs().max() > 1e-3
+
+    # ... and only for them: other frequencies leave the global heads bit-identical and move the local ones
+    model.rotary_emb.inv_freq = model.rotary_emb.inv_freq * 3
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    other = captured["o"].view(B, N, H, d)
+    assert torch.equal(other[:, :, :2], out.view(B, N, H, d)[:, :, :2])
+    assert (other[:, :, 2:] - out.view(B, N, H, d)[:, :, 2:]).abs().max() > 1e-3
 
 
 def test_sinusoidal_position_embedding_is_the_fixed_sin_cos_table():

@@ -14,9 +14,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_performer import PerformerConfig
 
-from conftest import tiny_config
+from helpers import CHECKPOINTS, tiny_config
 
-CHECKPOINTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "data", "checkpoints", "*", "config.json")))
+CHECKPOINT_CONFIGS = sorted(glob.glob(os.path.join(CHECKPOINTS, "*", "config.json")))
 
 BOOL_FIELDS = ["ff_glu", "attention_bias", "mlp_bias", "causal", "orthogonal_features", "local_rotary", "shift_tokens",
                "scale_by_length", "use_causal_windowed", "sinusoidal_position_embedding", "use_cache",
@@ -149,10 +149,10 @@ def test_from_dict_and_config_json_reject_a_string_bool(tmp_path):
     with pytest.raises(TypeError, match="causal"):
         PerformerConfig.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="causal"):
-        PerformerConfig.from_pretrained(os.path.dirname(CHECKPOINTS[0]), causal="no")
+        PerformerConfig.from_pretrained(os.path.dirname(CHECKPOINT_CONFIGS[0]), causal="no")
 
 
-@pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: os.path.basename(os.path.dirname(p)))
+@pytest.mark.parametrize("path", CHECKPOINT_CONFIGS, ids=lambda p: os.path.basename(os.path.dirname(p)))
 def test_configs_saved_before_load_to_the_same_values(path):
     saved = json.loads(open(path).read())
     assert "rope_theta" in saved and "rope_parameters" not in saved

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, TextStreamer, pipe
 from hf_performer import FEATURE_MAPS, PerformerCache, PerformerForCausalLM
 from hf_performer.cache_performer import CACHE_NAME
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 CAUSAL_MAPS = sorted([name for name, cls in FEATURE_MAPS.items() if cls.supports_causal] + ["exact"])
 

@@ -18,7 +18,6 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForTokenClassification,
     DataCollatorForLanguageModeling,
-    PreTrainedTokenizerFast,
     pipeline,
 )
 from transformers.pipelines import SUPPORTED_TASKS
@@ -30,7 +29,7 @@ from hf_performer import (
     PerformerForTokenClassification,
 )
 
-from conftest import tiny_config
+from helpers import build_tokenizer, seeded, tiny_config
 
 AUTO_CLASSES = {
     PerformerForMaskedLM: AutoModelForMaskedLM,
@@ -50,41 +49,13 @@ PER_TOKEN_HEADS = [
 ]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A lowercase word-level tokenizer with BERT's special tokens and pair template, trained on
-    ``pydoc_data.topics``: fast (offsets for the token-classification and question-answering pipelines)."""
-    import pydoc_data.topics
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend.train_from_iterator(pydoc_data.topics.topics.values(),
-                                trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=specials))
-    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],  # Performer has no token types
-    )
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return build_tokenizer(VOCAB)
 
 
 def head_config(causal=False, **overrides):
     return tiny_config(**{"vocab_size": VOCAB, "causal": causal, "num_labels": 3, **overrides})
-
-
-def seeded(model_class, config, seed=0):
-    torch.manual_seed(seed)
-    return model_class(config).eval()
 
 
 def random_batch(model_class, batch=4, length=10, choices=3, seed=0):

@@ -5,14 +5,11 @@ the Hub repository: whatever was uploaded must load and compute what the pushed 
 """
 
 import json
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
 from hf_performer import PerformerConfig, PerformerForCausalLM
@@ -78,33 +75,6 @@ def test_missing_template_falls_back_to_the_hub_default_with_the_same_metadata(m
     card = build_model_card(model, template_path=tmp_path / "absent.md", metrics={"loss": 2.0})
     assert "custom_code" in card.data.tags
     assert card.data.eval_results[0].metric_value == 2.0
-
-
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    """Stubs the Hub: repositories are folders; a commit copies its files in."""
-    hub = tmp_path / "hub"
-    commits = []
-
-    def create_repo(self, repo_id, **kwargs):
-        (hub / repo_id).mkdir(parents=True, exist_ok=True)
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
-        commits.append((repo_id, commit_message, sorted(op.path_in_repo for op in operations)))
-        for operation in operations:
-            target = hub / repo_id / operation.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(operation.path_or_fileobj, target)
-        return SimpleNamespace(commit_url=f"offline://{repo_id}")
-
-    def no_card_yet(repo_id, **kwargs):
-        raise EntryNotFoundError(f"{repo_id} has no README.md yet")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(ModelCard, "load", staticmethod(no_card_yet))
-    return SimpleNamespace(root=hub, commits=commits)
 
 
 def test_push_to_hub_uploads_a_self_contained_checkpoint(model, offline_hub):

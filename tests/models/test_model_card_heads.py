@@ -28,10 +28,9 @@ from hf_performer import (
 )
 from hf_performer.model_card import CARD_TASKS, TEMPLATE_PATH, build_model_card
 
-from conftest import tiny_config
-from test_heads import build_tokenizer
+from helpers import REPO, build_tokenizer, tiny_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = REPO
 # (head, causal, pipeline tag, Auto class)
 CARDS = [
     (PerformerForCausalLM, True, "text-generation", "AutoModelForCausalLM"),

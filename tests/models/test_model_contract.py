@@ -10,18 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_performer import PerformerCache, PerformerForCausalLM, PerformerForSequenceClassification, PerformerModel
 from hf_performer import feature_maps
-from hf_performer.feature_maps import feature_seed, gaussian_projection
 
-from conftest import tiny_config
+from helpers import CHECKPOINTS, expected_projection, in_float64, tiny_config
 
-CHECKPOINTS = os.path.join(os.path.dirname(__file__), "data", "checkpoints")
-
-
-def expected_projection(config, layer: int) -> torch.Tensor:
-    """What a fresh model draws for one layer: the Gaussian projection from the layer's seed (independent of the
-    model code: the formula and the draw are the documented ones)."""
-    generator = torch.Generator().manual_seed(feature_seed(config.feature_seed, layer, 0))
-    return gaussian_projection(config.num_random_features, config.head_dim, generator=generator)
 
 
 def projections(model) -> dict[str, torch.Tensor]:
@@ -57,7 +48,18 @@ def test_a_config_with_more_layers_than_the_checkpoint_draws_the_new_layers_from
     assert torch.equal(model.get_buffer(name), saved[name])  # loaded, not redrawn
     new = model.get_buffer("model.layers.2.self_attn.feature_map.projection")
     assert torch.equal(new, expected_projection(model.config, 2))
-    assert torch.isfinite(model(torch.randint(3, 97, (1, 8))).logits).all()
+    ids = torch.randint(3, 97, (1, 8))
+    with torch.no_grad():
+        logits = model(ids).logits
+        reference = in_float64(model)(ids).logits  # the new layer's projection is used like the loaded ones
+    assert torch.isfinite(logits).all()
+    assert (logits.double() - reference).abs().max() < 1e-5 * reference.abs().max()
+    config = model.config
+    fresh = AutoModelForCausalLM.from_config(config).eval()  # draws every layer from the seed
+    fresh.load_state_dict({name: t for name, t in model.state_dict().items()
+                           if not name.startswith("model.layers.2.self_attn.feature_map")}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, logits, rtol=1e-6, atol=1e-6)
 
 
 def test_fresh_models_draw_each_projection_once_from_the_seed_not_from_the_global_rng(monkeypatch):

@@ -15,12 +15,7 @@ from hf_performer import PerformerConfig, PerformerForCausalLM, PerformerForSequ
 from hf_performer import attention, modeling_performer, ops
 from hf_performer.feature_maps import FavorPlusFeatureMap
 
-from conftest import tiny_config
-
-
-def seeded(model_class, config, seed=0):
-    torch.manual_seed(seed)
-    return model_class(config).eval()
+from helpers import seeded, tiny_config
 
 
 # -- config ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-HERE = os.path.join(os.path.dirname(__file__), "data", "checkpoints")
+from helpers import CHECKPOINTS
+
+HERE = str(CHECKPOINTS)
 CASES = sorted(os.listdir(HERE))
 
 

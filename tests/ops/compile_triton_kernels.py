@@ -1,8 +1,8 @@
 """Compiles the Triton kernels ahead of time for NVIDIA GPUs, without a GPU: Triton's code generator and its bundled
-ptxas, with the launch options the package uses. Run as a script by tests/test_triton_ops.py (the test process runs
+ptxas, with the launch options the package uses. Run as a script by tests/ops/test_triton_ops.py (the test process runs
 the kernels in the interpreter, which never generates code, so it cannot catch what only the compiler rejects).
 
-    python tests/compile_triton_kernels.py            # prints one JSON line per kernel, target and dtype
+    python tests/ops/compile_triton_kernels.py          # prints one JSON line per kernel, target and dtype
 """
 
 import json

@@ -10,28 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hf_performer import ops, ops_chunked
 from hf_performer.ops import causal_linear_attention, linear_attention, naive_kernel_attention
 
-
-def features(batch=2, heads=2, length=37, m=6, d=5, *, stabilised=True, spread=2.0, dtype=torch.float64, seed=0):
-    """Positive features as the maps hand them over: keys divided by exp(log_scale), log scales detached."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(batch, heads, length, m, generator=g, dtype=dtype) + 0.05
-    k = torch.rand(batch, heads, length, m, generator=g, dtype=dtype) + 0.05
-    v = torch.randn(batch, heads, length, d, generator=g, dtype=dtype)
-    log_scale = torch.randn(batch, heads, length, generator=g, dtype=dtype) * spread if stabilised else None
-    return q, k, v, log_scale
-
-
-def key_mask(batch, length, seed=0):
-    """Random holes, and a left-padded row whose first chunks see no key at all."""
-    mask = torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) > 0.3
-    mask[-1, : length // 3] = False
-    return mask
-
-
-def grads(fn, tensors, weight):
-    tensors = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*tensors)
-    return out, torch.autograd.grad((out * weight).sum(), tensors)
+from helpers import expected_choice, favor_inputs, features, grads, key_mask, multiply_adds, plain_favor
 
 
 @pytest.fixture
@@ -198,6 +177,51 @@ def test_quadratic_and_chunked_states_agree():
     torch.testing.assert_close(a[1][1], b[1][1])
 
 
+def test_auto_follows_the_stated_cost_model_over_a_grid():
+    """Not a timing test (speed is measured in benchmarks/): ``choose_implementation`` must pick whichever path the
+    cost model (``helpers.multiply_adds``) counts fewer multiply-adds for, on a grid of (N, m, d, C) that crosses
+    the boundary for most (m, d, C), so both sides of each crossover are checked."""
+    checked = crossovers = 0
+    for m in (1, 4, 16, 64, 128, 266):
+        for d in (1, 8, 64):
+            for chunk in (1, 8, 64, 256):
+                for causal in (True, False):
+                    choices = []
+                    for n in list(range(1, 130)) + [255, 256, 257, 511, 512, 513, 1024, 4096]:
+                        choice = ops.choose_implementation(n, n, m, d, causal=causal, chunk_size=chunk)
+                        assert choice == expected_choice(n, n, m, d, causal=causal, chunk_size=chunk), (n, m, d, chunk)
+                        choices.append(choice)
+                        checked += 1
+                    crossovers += sum(a != b for a, b in zip(choices, choices[1:]))
+                    # causal with C >= N: quadratic N^2 (m+d+1) <= N (N (m+d+1) + 2m(d+1)) always, so short
+                    # sequences never take the chunked path
+                    assert choices[0] == "quadratic"
+    assert checked > 10000 and crossovers > 50  # the grid does cross the boundary, many times
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("m, d, chunk", [(16, 8, 8), (128, 64, 64), (266, 64, 64), (7, 5, 4)])
+def test_auto_switches_exactly_at_the_crossover(causal, m, d, chunk):
+    """At the first N where the chunked count drops below the quadratic one, ``auto`` switches, not one token
+    earlier (ties stay quadratic); the crossover is found from the cost model by a linear search over N."""
+    lengths = range(1, 20000)
+    crossover = next(n for n in lengths
+                     if multiply_adds(n, n, m, d, causal=causal, chunk_size=chunk)[1]
+                     < multiply_adds(n, n, m, d, causal=causal, chunk_size=chunk)[0])
+    assert ops.choose_implementation(crossover - 1, crossover - 1, m, d, causal=causal, chunk_size=chunk) == "quadratic"
+    assert ops.choose_implementation(crossover, crossover, m, d, causal=causal, chunk_size=chunk) == "chunked"
+    # closed form where there is one: bidirectional N^2 (m+d+1) < 2 N m (d+1)  <=>  N > 2 m (d+1) / (m+d+1)
+    if not causal:
+        assert crossover == 2 * m * (d + 1) // (m + d + 1) + 1
+
+
+def test_auto_with_different_query_and_key_lengths_counts_both():
+    """Cross attention / a cached prefix: S keys for N queries (bidirectional (N + S) m (d + 1))."""
+    for n, s in [(1, 4096), (4096, 1), (16, 512), (512, 16), (3, 40), (40, 3)]:
+        for m, d in [(16, 8), (128, 64)]:
+            assert ops.choose_implementation(n, s, m, d, causal=False) == expected_choice(n, s, m, d, causal=False)
+
+
 def test_auto_picks_the_cheaper_path():
     assert ops.choose_implementation(1, 1, 128, 64, causal=True) == "quadratic"  # decoding one token
     assert ops.choose_implementation(64, 64, 128, 64, causal=True) == "quadratic"
@@ -212,17 +236,26 @@ def test_query_without_any_key_outputs_zero_with_finite_gradients(small_blocks):
     q, k, v, log_scale = features(length=30)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[1, :20] = False  # the first 20 queries of row 1 see nothing
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = naive_kernel_attention(*leaves, causal=True, k_log_scale=log_scale, key_mask=mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = causal_linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, chunk_size=4)[0]
     assert torch.all(out[1, :, :20] == 0)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-12)  # the float64 reference: 0 there too
     out.square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    for t, expected in zip((q, k, v), ref_grads):  # and its gradients, the zero ones included
+        torch.testing.assert_close(t.grad, expected, rtol=1e-10, atol=1e-12)
     assert torch.all(k.grad[1, :, :20] == 0)
 
     mask[1] = False  # bidirectional: a row with no key at all
+    ref = naive_kernel_attention(q.detach(), k.detach(), v.detach(), causal=False, k_log_scale=log_scale,
+                                 key_mask=mask)
     for implementation in ("chunked", "quadratic"):
         out = linear_attention(q, k, v, k_log_scale=log_scale, key_mask=mask, implementation=implementation)
         assert torch.all(out[1] == 0) and torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
 # -- dtypes ----------------------------------------------------------------------------------------------------
@@ -242,6 +275,12 @@ def test_half_inputs_accumulate_in_fp32(dtype):
     assert ((out.double() - ref).abs() / ref.abs().clamp_min(0.05)).max() < 4 * eps
     out.float().sum().backward()
     assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (q, k, v))
+    # gradients: the same op in float64 on the same rounded inputs (O(N), itself checked against the naive reference
+    # above), within 4 eps of the largest gradient (measured: ~1.1 eps for q, ~0.3 eps for k, v)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact, _ = causal_linear_attention(*leaves, k_log_scale=log_scale.double(), implementation="chunked")
+    for t, expected in zip((q, k, v), torch.autograd.grad(exact.sum(), leaves)):
+        assert (t.grad.double() - expected).abs().max() < 4 * eps * expected.abs().max()
 
 
 # -- memory ----------------------------------------------------------------------------------------------------
@@ -291,18 +330,6 @@ def test_no_tensor_of_size_n_m_d_is_ever_built():
 
 
 # -- exponential features computed inside the op (causal_exp_attention) -----------------------------------------
-
-
-def favor_inputs(batch=2, heads=2, length=37, d=5, m=7, *, spread=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, length, d, generator=g, dtype=torch.float64) for _ in range(3))
-    projection = torch.randn(m, d, generator=g, dtype=torch.float64)
-    return q * spread, k * spread, v, projection
-
-
-def plain_favor(x, projection, norm_coef, offset):
-    """exp(x P^T - a |x|^2 + b), unstabilised, straight from the definition (arXiv 2009.14794, Lemma 1)."""
-    return torch.exp(x @ projection.T - norm_coef * (x * x).sum(-1, keepdim=True) + offset)
 
 
 @pytest.mark.parametrize("implementation", ["chunked", "quadratic"])

@@ -10,8 +10,8 @@ import torch
 from hf_performer import PerformerForCausalLM, ops, ops_triton
 from hf_performer.ops import causal_linear_attention, empty_state, naive_kernel_attention
 
-from conftest import tiny_config
-from test_ops import favor_inputs, features, grads, key_mask, plain_favor
+from helpers import (REPO, expected_choice, favor_inputs, features, grads, key_mask, multiply_adds, plain_favor,
+                     tiny_config)
 
 pytestmark = pytest.mark.skipif(not ops_triton.available(), reason="triton is not installed")
 
@@ -172,8 +172,10 @@ def test_model_with_triton_attention_equals_chunked(feature_map):
 
 
 def test_auto_uses_the_kernels_exactly_for_cuda_tensors(monkeypatch):
-    """'auto' runs the kernels for CUDA tensors only; on CPU it and 'chunked' stay on the PyTorch path even where
-    Triton (its interpreter) could run them; 'triton' asks for them."""
+    """'auto' runs the kernels for CUDA tensors only, and only where the cost model (``helpers.multiply_adds``:
+    quadratic N^2 (m + d + 1) against chunked N (C (m + d + 1) + 2 m (d + 1))) picks the chunked path; on CPU it
+    and 'chunked' stay on the PyTorch path even where Triton (its interpreter) could run them; 'triton' asks for
+    them. No timing: which path is faster on a machine is for benchmarks/bench_cuda.py."""
     calls = []
     kernels = ops_triton.causal_attention
 
@@ -183,15 +185,28 @@ def test_auto_uses_the_kernels_exactly_for_cuda_tensors(monkeypatch):
 
     monkeypatch.setattr(ops_triton, "causal_attention", spy)
     q, k, v, log_scale = features(length=300)  # CPU tensors
+    # 300 tokens, m = 6, d = 5, C = 64: quadratic 300 * 300 * 12 = 1,080,000 > chunked 300 * (64 * 12 + 72) = 252,000
+    assert multiply_adds(300, 300, 6, 5, causal=True) == (1_080_000, 252_000)
+    assert ops.choose_implementation(300, 300, 6, 5, causal=True) == "chunked"
     for implementation in ("auto", "chunked"):
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation=implementation)
     assert calls == []
     if ops_triton.interpreting():
         causal_linear_attention(q, k, v, k_log_scale=log_scale, implementation="triton")
         assert calls == ["cpu"]
+    # 8 tokens: quadratic 8 * 8 * 12 = 768 <= chunked 8 * (8 * 12 + 72) = 1,344, so 'auto' never takes the kernels
+    short = [t[:, :, :8] for t in (q, k, v)]
+    assert multiply_adds(8, 8, 6, 5, causal=True) == (768, 1_344)
+    assert expected_choice(8, 8, 6, 5, causal=True) == ops.choose_implementation(8, 8, 6, 5, causal=True) == "quadratic"
+    before = list(calls)
+    causal_linear_attention(*short, k_log_scale=log_scale[..., :8], implementation="auto")
+    assert calls == before
     if torch.cuda.is_available():
         causal_linear_attention(*on_device(q, k, v), k_log_scale=log_scale.to(DEVICE), implementation="auto")
         assert calls[-1] == "cuda"
+        count = len(calls)
+        causal_linear_attention(*on_device(*short), k_log_scale=log_scale[..., :8].to(DEVICE), implementation="auto")
+        assert len(calls) == count  # the quadratic path: no kernel launch
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -220,7 +235,7 @@ def test_kernels_compile_for_nvidia_gpus():
     from pathlib import Path
 
     script = Path(__file__).with_name("compile_triton_kernels.py")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(REPO)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -252,9 +267,8 @@ def test_cuda_benchmark_script_runs_in_the_interpreter():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     done = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "bench_cuda.py"), "--smoke", "--methods", "triton", "chunked", "sdpa"],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(root)),
