@@ -41,7 +41,7 @@ Numerics: performer-pytorch adds ``eps=1e-4`` to every FAVOR+ feature after stab
 the whole sequence (and 1e-6 to the causal normaliser). The epsilon's weight relative to the true features
 therefore depends on future tokens, which a causal model decoding token by token cannot reproduce; this model uses
 the exact kernel (eps = 0). Logits agree to fp32 rounding when performer-pytorch's epsilons are set to 0, and to
-within the epsilon's effect otherwise (see tests/test_convert.py). Padding masks are not comparable either:
+within the epsilon's effect otherwise (see tests/integration/test_convert.py). Padding masks are not comparable either:
 performer-pytorch zeroes padded values but keeps padded keys in the normaliser; this model removes them.
 """
 

@@ -67,8 +67,8 @@ def choose_implementation(
     length: int, key_length: int, num_features: int, head_dim: int, *, causal: bool, chunk_size: int = 64
 ) -> str:
     """``quadratic`` or ``chunked``, whichever needs fewer multiply-adds per head (TF KernelAttention's
-    ``is_short_seq`` made automatic). Quadratic: N S (m + d + 1). Linear: (N + S) m (d + 1) without a mask; with
-    one, every token also pays a masked (C, C) product, N (C (m + d + 1) + 2 m (d + 1))."""
+    ``is_short_seq`` made automatic). Quadratic: N S (m + d + 1). Linear, bidirectional: (N + S) m (d + 1); causal,
+    where every token also pays its chunk's masked (C, C) product: N (C (m + d + 1) + 2 m (d + 1))."""
     width = num_features + head_dim + 1
     quadratic = length * key_length * width
     if causal:

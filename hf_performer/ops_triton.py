@@ -3,7 +3,7 @@
 Optional: Triton is imported here only, inside ``try``, and ``ops.causal_linear_attention`` loads this module only
 for CUDA tensors (``implementation="auto"``) or when asked (``implementation="triton"``). The PyTorch chunked path
 stays the reference and the CPU path; this file is tested against it and against the float64 O(N^2) reference on
-CPU through Triton's interpreter (``TRITON_INTERPRET=1``, see tests/test_triton_ops.py).
+CPU through Triton's interpreter (``TRITON_INTERPRET=1``, see tests/ops/test_triton_ops.py).
 
 Layout (arXiv 2006.16236 sec. 3.3 for the recurrence, arXiv 2202.10447 sec. 4 for the chunked form): one program
 per (batch * head, block of columns) walks the sequence chunk by chunk, the running (m, d) state and the (m,)
@@ -62,7 +62,7 @@ def _block(size: int, cap: int | None = None) -> int:
 def shared_memory_bytes(num_features: int, dtype: torch.dtype) -> int:
     """Upper bound on the shared memory one program of the widest kernels (forward, dv) takes: they hold whole
     (C, m) query and key tiles, so it grows with the feature count m. Fitted to what Triton 3.9 allocates for
-    sm_90 (tests/compile_triton_kernels.py checks the bound): fp32 256 B per feature-tile column, fp64 640 B."""
+    sm_90 (tests/ops/compile_triton_kernels.py checks the bound): fp32 256 B per feature-tile column, fp64 640 B."""
     block = _block(num_features)  # the kernels' feature tile
     return 640 * block + 16384 if dtype == torch.float64 else 256 * block + 12288
 
@@ -281,7 +281,7 @@ if triton is not None:
 
 # Tile caps: a program holds its (C, m) query and key tiles and an (m, 32) slice of the state (or of its gradient),
 # ~13k fp32 values, for 8 warps' registers at m = 128 (see LAUNCH). Untuned: no GPU was at hand when these kernels
-# were written; tests/test_triton_ops.py compiles them for sm_80 / sm_90 and benchmarks/bench_cuda.py times them.
+# were written; tests/ops/test_triton_ops.py compiles them for sm_80 / sm_90 and benchmarks/bench_cuda.py times them.
 MAX_CHUNK, MAX_COLUMNS = 32, 32
 
 
