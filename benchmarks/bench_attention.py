@@ -182,7 +182,11 @@ def main():
     parser.add_argument("--max-gb", type=float, default=4.0, help="skip performer-pytorch above this estimate")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed repeats per cell")
     parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
+    parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved .json; run nothing")
     opts = parser.parse_args()
+    if opts.replot:
+        plot(json.loads((RESULTS / "bench_attention.json").read_text()), RESULTS / "bench_attention.png")
+        return
     import torch
 
     opts.threads = opts.threads or torch.get_num_threads()
@@ -320,7 +324,7 @@ def plot(results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.6))
     names = {"ours": "hf_performer (chunked)", "ours+features": "hf_performer, FAVOR+ features inside the op",
              "sdpa": "exact SDPA", "performer-pytorch": "performer-pytorch"}
     for col, mode in enumerate(("causal", "bidirectional")):
@@ -338,10 +342,12 @@ def plot(results, path: Path) -> None:
             ax.set_xlabel("sequence length N")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        axes[0, col].set_title(f"{mode} attention, B=1 H=8 m=128 d=64 fp32")
+        # Below the column, outside the axes: a legend inside would cover the lines.
+        axes[1, col].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9, frameon=False)
+        axes[0, col].set_title(f"{mode} attention: time, B=1 H=8 m=128 d=64 fp32")
+        axes[1, col].set_title(f"{mode} attention: peak memory")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,11 @@ def main():
     parser.add_argument("--max-pp", type=int, default=4096, help="longest N for performer-pytorch")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timed repeats per cell")
     parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
+    parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved .json; run nothing")
     opts = parser.parse_args()
+    if opts.replot:
+        plot(json.loads((RESULTS / "bench_layer.json").read_text()), RESULTS / "bench_layer.png")
+        return
     import torch
 
     opts.threads = opts.threads or torch.get_num_threads()
@@ -180,23 +184,36 @@ def plot(results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = {  # the README's names
+        "performer": "Performer layer (hf_performer)",
+        "llama-sdpa": "Llama layer, SDPA attention",
+        "llama-identity": "Llama layer, identity attention (output = V)",
+        "llama-identity-qk": "Llama layer, identity attention keeping q, k",
+        "performer-pytorch": "performer-pytorch layer",
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
     for method in METHODS:
         points = [(int(n), row[method]) for n, row in results["rows"].items() if row[method] is not None]
         if not points:
             continue
         xs = [n for n, _ in points]
-        axes[0].plot(xs, [r["min_s"] for _, r in points], "o-", label=method)
-        axes[1].plot(xs, [r["growth_bytes"] / 2**20 for _, r in points], "o-", label=method)
-    for ax, ylabel in zip(axes, ("forward + backward, s", "memory growth, MiB")):
+        axes[0].plot(xs, [r["min_s"] for _, r in points], "o-", label=names.get(method, method))
+        axes[1].plot(xs, [r["growth_bytes"] / 2**20 for _, r in points], "o-", label=names.get(method, method))
+    ylabels = ("forward + backward, s", "memory the step adds, MiB")
+    for ax, ylabel in zip(axes, ylabels):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    axes[0].set_title("one causal layer: hidden 512, 8 heads, FFN 1024")
-    fig.tight_layout()
+    axes[0].set_title("time of one forward + backward")
+    axes[1].set_title("peak memory of one forward + backward:\n"
+                      "peak resident set during the step minus resident set before it",
+                      fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.suptitle(f"one causal layer: hidden {HIDDEN}, {HEADS} heads, {FEATURES} features, GLU FFN {FFN}, batch 1, fp32")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
 
 

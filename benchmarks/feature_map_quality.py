@@ -160,6 +160,7 @@ def plot(rows, path: Path) -> None:
         [v for v in variants if not v.startswith("rff")],
         [v for v in variants if v.startswith("rff")] + ["favor+ orthogonal"],
     ]
+    row_titles = ["positive features", "trigonometric RFF vs FAVOR+"]
     fig, axes = plt.subplots(2, len(stds), figsize=(4.2 * len(stds), 7.5), squeeze=False)
     for row, selected in enumerate(panels):
         for ax, logit_std in zip(axes[row], stds):
@@ -173,10 +174,10 @@ def plot(rows, path: Path) -> None:
                 )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"logit std {logit_std:g}")
+            ax.set_title(f"{row_titles[row]}, logit std {logit_std:g}", fontsize=10)
             ax.set_xlabel("features m")
             ax.grid(True, which="both", alpha=0.3)
-        axes[row][0].set_ylabel("relative error of attention output")
+        axes[row][0].set_ylabel(f"{row_titles[row]}:\nrelative error of attention output")
         axes[row][-1].legend(fontsize=7)
     fig.suptitle("Kernel attention vs exact softmax attention (lower is better)")
     fig.tight_layout()
@@ -190,7 +191,11 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved .json; run nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "feature_map_quality.json").read_text()), args.out / "feature_map_quality.png")
+        return
     torch.set_num_threads(1)  # small matrices: threads only add contention (QR of 64x64 slows 100x on a busy box)
     seeds = list(range(args.seeds))
     rows = quality_grid(VARIANTS, NUM_FEATURES, LOGIT_STDS, seeds, head_dim=args.head_dim, length=args.length)

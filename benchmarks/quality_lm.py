@@ -153,27 +153,48 @@ def write_table(results: list[dict], args, unigram: float) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Top row: smoothed train loss per variant (validation loss as a dot at the end). The variants' curves lie
+    within a few hundredths of each other, so each has its own line style, and the bottom row shows every curve's
+    difference to softmax's (same batches, so the difference is what the attention changes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = ["-", "--", "-.", ":"]
     contexts = sorted({r["context"] for r in results})
-    figure, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.2), sharey=True)
-    axes = [axes] if len(contexts) == 1 else axes
-    for axis, context in zip(axes, contexts):
-        for r in (r for r in results if r["context"] == context):
-            window = max(1, len(r["curve"]) // 20)
-            smooth = torch.tensor(r["curve"]).unfold(0, window, 1).mean(1) if len(r["curve"]) >= window else \
-                torch.tensor(r["curve"])
-            tokens = [(i + window) * TOKENS_PER_STEP / 1e6 for i in range(len(smooth))]
-            line, = axis.plot(tokens, smooth.tolist(), label=f"{r['model']} (val {r['validation_loss']:.3f})")
-            axis.scatter([r["train_tokens"] / 1e6], [r["validation_loss"]], color=line.get_color(), marker="o")
-        axis.set_title(f"context {context}")
-        axis.set_xlabel("training tokens (millions)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    axes[0].set_ylabel("train loss, nats/byte (dots: validation)")
+    figure, axes = plt.subplots(2, len(contexts), figsize=(6 * len(contexts), 7.4), sharex="col",
+                                gridspec_kw={"height_ratios": [3, 2]}, squeeze=False)
+
+    def smoothed(curve):
+        window = max(1, len(curve) // 20)
+        values = torch.tensor(curve)
+        smooth = values.unfold(0, window, 1).mean(1) if len(curve) >= window else values
+        return [(i + window) * TOKENS_PER_STEP / 1e6 for i in range(len(smooth))], smooth
+
+    for column, context in enumerate(contexts):
+        top, bottom = axes[0, column], axes[1, column]
+        runs = [r for r in results if r["context"] == context]
+        reference = smoothed(runs[0]["curve"])[1]
+        for index, r in enumerate(runs):
+            tokens, smooth = smoothed(r["curve"])
+            style = dict(linestyle=styles[index % len(styles)], linewidth=2.2 if index == 0 else 1.6)
+            line, = top.plot(tokens, smooth.tolist(), label=f"{r['model']} (val {r['validation_loss']:.3f})", **style)
+            # side by side, so that equal validation losses do not hide each other's dot
+            top.scatter([r["train_tokens"] / 1e6 + 0.008 * index], [r["validation_loss"]], color=line.get_color(),
+                        marker="o", zorder=3)
+            size = min(len(smooth), len(reference))
+            bottom.plot(tokens[:size], (smooth[:size] - reference[:size]).tolist(), color=line.get_color(), **style)
+        top.set_title(f"context {context}")
+        top.set_ylim(top=min(top.get_ylim()[1], 3.8))  # the first steps' fall from 5.6 says nothing about a variant
+        bottom.axhline(0.0, color="0.5", linewidth=0.8)
+        bottom.set_xlabel("training tokens (millions)")
+        bottom.set_ylim(-0.25, 0.15)
+        for axis in (top, bottom):
+            axis.grid(alpha=0.3)
+        top.legend(fontsize=8, loc="upper right")
+    axes[0, 0].set_ylabel("train loss, nats/byte (dots: validation)")
+    axes[1, 0].set_ylabel(f"train loss minus {results[0]['model']}'s")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -195,6 +216,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None,
                         help="path prefix of .md/.json/.png (default results/quality_lm, quick: results/quality_lm_quick)")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved .json; train nothing")
     args = parser.parse_args(argv)
     args.steps = args.steps or (15 if args.quick else 120)
     args.eval_tokens = args.eval_tokens or (8192 if args.quick else 32768)
@@ -204,6 +226,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.replot:
+        output = Path(args.output)
+        results = json.loads(output.with_suffix(".json").read_text())["results"]
+        plot(results, output.with_suffix(".png"))
+        print(f"redrew {output}.png from {output}.json")
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = ByT5Tokenizer()

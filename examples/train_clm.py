@@ -7,9 +7,17 @@ no files), and takes about 5 minutes on 2 CPU cores.
     python examples/train_clm.py
     python examples/train_clm.py --dataset_name Salesforce/wikitext --dataset_config wikitext-2-raw-v1
     python examples/train_clm.py --train_file my_corpus.txt [--validation_file my_val.txt]
+    python examples/train_clm.py --packing                                     # padding-free: documents packed
     torchrun --nproc_per_node 2 examples/train_clm.py                          # DDP, gloo on CPU
     accelerate launch --multi_gpu --num_processes 2 examples/train_clm.py      # the same through accelerate
     torchrun --nproc_per_node 2 examples/train_clm.py --fsdp "full_shard auto_wrap"   # FSDP (on GPUs)
+
+``--packing`` trains on documents (paragraphs of a topic, grouped up to ``block_size`` tokens: lengths vary) instead of
+fixed blocks: ``DataCollatorWithFlattening`` concatenates the documents of a batch into one row without padding, with
+``position_ids`` restarting at 0 at every document, and the model attends within each document only.
+
+Runs are deterministic at a fixed seed and thread count (``--torch_threads``; ``scripts/train.sh`` passes 1): same
+data order, weights, feature redraws and losses, bit for bit.
 
 Every ``TrainingArguments`` flag works (``--bf16``, ``--activation_checkpointing``, ``--torch_compile``, ...). On CPU,
 accelerate's ``--multi_gpu`` launcher simply starts the processes; they train with gloo.
@@ -39,6 +47,7 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainingArguments,
+    DataCollatorWithFlattening,
     default_data_collator,
     pipeline,
     set_seed,
@@ -113,6 +122,11 @@ class DataArguments:
         default=5, metadata={"help": "Validation share of the training data when there is no validation split."}
     )
     block_size: int = field(default=256, metadata={"help": "Training sequence length in tokens."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Padding-free training on documents of varying length (at most block_size tokens), a "
+                          "batch's documents concatenated into one row by DataCollatorWithFlattening."},
+    )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     prompt: str = "The with statement"
@@ -179,6 +193,56 @@ def tokenize_and_group(raw: DatasetDict, tokenizer, data_args: DataArguments, tr
             range(min(data_args.max_eval_samples, len(grouped["validation"])))
         )
     return grouped
+
+
+def paragraph_documents(text: str, tokens, block_size: int) -> list[list[int]]:
+    """One text's tokens as documents of at most ``block_size`` tokens: consecutive paragraphs (blank-line
+    separated) grouped while they fit; a paragraph longer than ``block_size`` is cut."""
+    documents, current = [], []
+    for paragraph in text.split("\n\n"):
+        ids = tokens(paragraph + "\n\n")
+        if current and len(current) + len(ids) > block_size:
+            documents.append(current)
+            current = []
+        current = current + ids
+        while len(current) > block_size:
+            documents.append(current[:block_size])
+            current = current[block_size:]
+    if current:
+        documents.append(current)
+    return documents
+
+
+def tokenize_documents(raw: DatasetDict, tokenizer, data_args: DataArguments, training_args) -> DatasetDict:
+    """For ``--packing``: every text becomes documents of varying length, at most ``block_size`` tokens (EOS closes
+    each text's last document), with ``labels`` equal to ``input_ids`` (the collator masks each document's first)."""
+    block_size = data_args.block_size
+    text_column = data_args.text_column
+    eos = tokenizer.eos_token_id
+
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def split(batch):
+        documents = []
+        for text in batch[text_column]:
+            pieces = paragraph_documents(text, tokens, block_size - 1)
+            if pieces and eos is not None:
+                pieces[-1] = pieces[-1] + [eos]
+            documents += [piece for piece in pieces if len(piece) > 1]  # a 1-token document has no target
+        return {"input_ids": documents, "labels": [list(document) for document in documents]}
+
+    with training_args.main_process_first(desc="tokenizing"):
+        documents = raw.map(split, batched=True, remove_columns=raw["train"].column_names,
+                            desc="splitting into documents")
+    if data_args.max_train_samples:
+        documents["train"] = documents["train"].select(range(min(data_args.max_train_samples,
+                                                                 len(documents["train"]))))
+    if data_args.max_eval_samples:
+        documents["validation"] = documents["validation"].select(
+            range(min(data_args.max_eval_samples, len(documents["validation"])))
+        )
+    return documents
 
 
 def unigram_baseline_loss(train: Dataset, validation: Dataset, vocab_size: int) -> float:
@@ -295,14 +359,34 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
 
     raw = load_raw_datasets(data_args)
-    data = tokenize_and_group(raw, tokenizer, data_args, training_args)
+    if data_args.packing:
+        data = tokenize_documents(raw, tokenizer, data_args, training_args)
+        # One row of concatenated documents per batch, positions restarting at 0 at each document; the labels of
+        # each document's first token are -100 (nothing predicts across a document boundary). Trainer's
+        # remove_unused_columns only drops dataset columns the model does not take (here: none); the position_ids
+        # the collator adds reach the model.
+        collator = DataCollatorWithFlattening()
+    else:
+        data = tokenize_and_group(raw, tokenizer, data_args, training_args)
+        collator = default_data_collator
     baseline = unigram_baseline_loss(data["train"], data["validation"], len(tokenizer))
     model = build_model(model_args, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "model: %s parameters, feature_map=%s; data: %d train / %d validation blocks of %d tokens",
-        f"{parameters:,}", model.config.feature_map, len(data["train"]), len(data["validation"]), data_args.block_size,
-    )
+    if data_args.packing:
+        lengths = [len(ids) for ids in data["train"]["input_ids"]]
+        logger.info(
+            "model: %s parameters, feature_map=%s; data: %d train / %d validation documents of %d-%d tokens "
+            "(mean %.0f), packed without padding", f"{parameters:,}", model.config.feature_map, len(data["train"]),
+            len(data["validation"]), min(lengths), max(lengths), sum(lengths) / len(lengths),
+        )
+    else:
+        logger.info(
+            "model: %s parameters, feature_map=%s; data: %d train / %d validation blocks of %d tokens",
+            f"{parameters:,}", model.config.feature_map, len(data["train"]), len(data["validation"]),
+            data_args.block_size,
+        )
+    if data_args.packing and training_args.include_num_input_tokens_seen in ("no", False):
+        training_args.include_num_input_tokens_seen = "all"  # batches differ in size: count what was seen
 
     trainer = Trainer(
         model=model,
@@ -310,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=collator,
         callbacks=[PerformerFeatureRedrawCallback()],
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -341,8 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
         "block_size": data_args.block_size,
         "learning_rate": training_args.learning_rate,
         "lr_scheduler_type": str(training_args.lr_scheduler_type.value),
-        "tokens seen": trainer.state.global_step * training_args.per_device_train_batch_size
+        "tokens seen": trainer.state.num_input_tokens_seen if data_args.packing
+        else trainer.state.global_step * training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps * training_args.world_size * data_args.block_size,
+        "packing": data_args.packing,
         "tokenizer": type(tokenizer).__name__,
     }
     save_model_card(
