@@ -613,12 +613,6 @@ class PerformerModel(PerformerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     def _key_mask(self, attention_mask, batch: int, length: int, past: int) -> torch.Tensor | None:
         """The (B, N) boolean mask of the current tokens from a (B, past + N) or (B, N) 0/1 attention mask."""
         if attention_mask is None:
@@ -819,12 +813,6 @@ class PerformerForCausalLM(PerformerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -911,12 +899,6 @@ class PerformerForSequenceClassification(PerformerPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
     @can_return_tuple
     def forward(
         self,
@@ -986,12 +968,6 @@ class PerformerForMaskedLM(PerformerPreTrainedModel):
         self.lm_head = PerformerMaskedLMHead(config)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
     def get_output_embeddings(self):
         return self.lm_head.decoder
 
@@ -1040,12 +1016,6 @@ class PerformerForTokenClassification(PerformerPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
     @can_return_tuple
     def forward(
         self,
@@ -1084,12 +1054,6 @@ class PerformerForQuestionAnswering(PerformerPreTrainedModel):
         self.model = PerformerModel(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     @can_return_tuple
     def forward(
@@ -1138,12 +1102,6 @@ class PerformerForMultipleChoice(PerformerPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.score = nn.Linear(config.hidden_size, 1)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     @staticmethod
     def _flatten_choices(name: str, value: torch.Tensor | None, dims: int) -> torch.Tensor | None:

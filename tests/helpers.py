@@ -18,6 +18,7 @@ Fixtures live in ``conftest.py`` (``single_thread``, ``single_thread_per_module`
 from __future__ import annotations
 
 import copy
+import textwrap
 import math
 from pathlib import Path
 
@@ -198,3 +199,27 @@ def distributed_model() -> PerformerForCausalLM:
 def fsdp_batch(rank: int, step: int) -> torch.Tensor:
     return torch.randint(0, DISTRIBUTED_CONFIG["vocab_size"], (FSDP_BATCH, DISTRIBUTED_LENGTH),
                          generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+# -- remote code ------------------------------------------------------------------------------------------------
+
+# The first lines of a subprocess script that must load checkpoints with trust_remote_code=True as a user without
+# hf_performer would: importing it fails (a meta-path finder refuses it), and the script checks that it does.
+HIDE_HF_PERFORMER = textwrap.dedent(
+    """
+    import importlib.abc, sys, json, torch
+
+    class HideHfPerformer(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_performer" or name.startswith("hf_performer."):
+                raise ImportError("hf_performer is hidden in this process")
+            return None
+
+    sys.meta_path.insert(0, HideHfPerformer())
+    try:
+        import hf_performer  # noqa
+        raise SystemExit("hf_performer should not be importable here")
+    except ImportError:
+        pass
+    """
+)

@@ -29,7 +29,7 @@ from hf_performer import (
     PerformerForTokenClassification,
 )
 
-from helpers import build_tokenizer, seeded, tiny_config
+from helpers import HIDE_HF_PERFORMER, build_tokenizer, seeded, tiny_config
 
 AUTO_CLASSES = {
     PerformerForMaskedLM: AutoModelForMaskedLM,
@@ -168,22 +168,8 @@ def test_save_reload_is_bit_identical(tmp_path, model_class):
     assert reloaded.feature_redraw_count == 1
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = HIDE_HF_PERFORMER + textwrap.dedent(
     """
-    import importlib.abc, json, sys, torch
-
-    class HideHfPerformer(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_performer" or name.startswith("hf_performer."):
-                raise ImportError("hf_performer is hidden in this process")
-            return None
-
-    sys.meta_path.insert(0, HideHfPerformer())
-    try:
-        import hf_performer  # noqa
-        raise SystemExit("hf_performer should not be importable here")
-    except ImportError:
-        pass
 
     import transformers
     jobs = json.loads(sys.argv[1])

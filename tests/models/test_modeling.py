@@ -15,7 +15,7 @@ from hf_performer import PerformerConfig, PerformerForCausalLM, PerformerForSequ
 from hf_performer import attention, modeling_performer, ops
 from hf_performer.feature_maps import FavorPlusFeatureMap
 
-from helpers import seeded, tiny_config
+from helpers import HIDE_HF_PERFORMER, seeded, tiny_config
 
 
 # -- config ---------------------------------------------------------------------------------------------------
@@ -107,22 +107,8 @@ def test_save_load_is_bit_identical(tmp_path, model_class, causal):
     assert reloaded.feature_redraw_count == 1
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = HIDE_HF_PERFORMER + textwrap.dedent(
     """
-    import importlib.abc, sys, json, torch
-
-    class HideHfPerformer(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_performer" or name.startswith("hf_performer."):
-                raise ImportError("hf_performer is hidden in this process")
-            return None
-
-    sys.meta_path.insert(0, HideHfPerformer())
-    try:
-        import hf_performer  # noqa
-        raise SystemExit("hf_performer should not be importable here")
-    except ImportError:
-        pass
 
     from transformers import AutoModelForCausalLM
     folder, ids_path = sys.argv[1], sys.argv[2]
