@@ -74,7 +74,7 @@ def test_train_clm_beats_the_unigram_baseline_saves_pushes_and_generates(train_c
     assert "sample ('The with statement'):\nThe with statement" in printed
 
     generate = load_example("generate")
-    text = generate.main([str(output_dir), "--prompt", "def f(x):", "--max_new_tokens", "12", "--seed", "1"])
+    text = generate.main(["--model_name_or_path", str(output_dir), "--prompt", "def f(x):", "--max_new_tokens", "12", "--seed", "1"])
     streamed = capsys.readouterr().out
     assert text.startswith("def f(x):") and len(text.encode()) > len("def f(x):")
     assert text[len("def f(x):"):].strip() in streamed  # the new tokens were streamed to stdout
@@ -86,3 +86,12 @@ def test_train_clm_reads_a_local_text_file(train_clm, tmp_path):
     results = train_clm.main(["--output_dir", str(tmp_path / "run"), "--train_file", str(corpus),
                               "--validation_split_percentage", "10", "--max_steps", "3", *TINY])
     assert math.isfinite(results["validation_loss"]) and math.isfinite(results["unigram_baseline_loss"])
+
+
+def test_generate_takes_the_readme_flag_and_refuses_two_models():
+    generate = load_example("generate")
+    assert generate.parse_args(["--model_name_or_path", "some/model"]).model == "some/model"
+    assert generate.parse_args(["some/model"]).model == "some/model"  # the positional form still works
+    for argv in ([], ["a", "--model_name_or_path", "b"]):
+        with pytest.raises(SystemExit):
+            generate.parse_args(argv)
