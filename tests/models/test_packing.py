@@ -14,6 +14,7 @@ from helpers import seeded, tiny_config
 KINDS = {
     "favor+ chunked": dict(attention_implementation="chunked"),
     "favor+ quadratic": dict(attention_implementation="quadratic"),
+    "favor+ triton": dict(attention_implementation="triton"),  # Triton's CPU interpreter without a GPU
     "relu": dict(feature_map="relu"),
     "exact": dict(feature_map="exact"),
     "local heads + token shift": dict(local_attn_heads=1, local_window_size=4, shift_tokens=True),
