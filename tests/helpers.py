@@ -83,28 +83,25 @@ def expected_projection(config: PerformerConfig, layer: int, redraws: int = 0) -
                                norm_scaling=config.feature_norm_scaling, generator=generator)
 
 
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (they are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"examples_{name}"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_tokenizer(vocab_size: int = 300):
     """A lowercase word-level tokenizer with BERT's special tokens and pair template, trained on
-    ``pydoc_data.topics``: fast (offsets for the token-classification and question-answering pipelines)."""
+    ``pydoc_data.topics`` by the MLM example's own function: fast (offsets for the token-classification and
+    question-answering pipelines)."""
     import pydoc_data.topics
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend.train_from_iterator(pydoc_data.topics.topics.values(),
-                                trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
-    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],  # Performer has no token types
-    )
+    return load_example("train_mlm").train_word_tokenizer(pydoc_data.topics.topics.values(), vocab_size)
 
 
 # -- op inputs --------------------------------------------------------------------------------------------------

@@ -1,15 +1,13 @@
 """The examples, end to end with tiny settings: train_clm.py trains on the embedded corpus until it beats the unigram
 baseline, saves a complete folder (pushed to a stubbed Hub), generates; generate.py streams from that folder."""
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 from datasets import Dataset
 
-from helpers import REPO
+from helpers import REPO, load_example
 
 EXAMPLES = REPO / "examples"
 pytestmark = pytest.mark.usefixtures("single_thread_per_module")
@@ -20,14 +18,6 @@ TINY = ["--config_overrides", '{"norm_type": "layernorm", "ff_glu": false, "hidd
         "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--warmup_steps", "10",
         "--max_eval_samples", "32", "--eval_steps", "1000", "--logging_steps", "50", "--max_new_tokens", "20",
         "--disable_tqdm", "true"]
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"examples_{name}"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,11 @@
 """examples/performerize.py end to end, shortened: a softmax model saved locally is switched to kernel attention
 and its quality recovers by distillation (measured against the softmax model's own perplexity)."""
 
-import importlib.util
-from helpers import REPO
-
-EXAMPLE = REPO / "examples" / "performerize.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("performerize", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_example
 
 
 def test_performerize_recovers_quality(tmp_path):
-    example = load_example()
+    example = load_example("performerize")
     args = example.parse_args([
         "--teacher", str(tmp_path / "teacher"), "--output", str(tmp_path / "student"), "--quiet",
         "--teacher-steps", "120", "--distill-steps", "30", "--finetune-steps", "20", "--nb-features", "32",

@@ -2,16 +2,14 @@
 masked LM trained the same way on the embedded corpus; the saved folders reload and reproduce the reported held-out
 numbers, eval_results.json is what main() returned, fill-mask runs on the saved Performer."""
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, TrainingArguments
 
-from helpers import REPO
+from helpers import load_example
 
 pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 VOCAB = 500
@@ -22,15 +20,6 @@ TINY = ["--vocab_size", str(VOCAB), "--hidden_size", "32", "--intermediate_size"
         "--per_device_eval_batch_size", str(EVAL_BATCH), "--learning_rate", "5e-3", "--warmup_steps", "2",
         "--max_eval_samples", "24", "--eval_steps", "1000", "--logging_steps", "10", "--feature_redraw_interval", "8",
         "--top_k", str(TOP_K), "--seed", "3", "--disable_tqdm", "true"]
-
-
-def load_example(name: str):
-    path = REPO / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[f"examples_{name}"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
