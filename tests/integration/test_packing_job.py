@@ -2,14 +2,12 @@
 concatenated documents (positions restarting at 0, no padding, nothing predicted across a boundary), and the model
 trains on them (finite, falling loss; an evaluation loss below the unigram baseline)."""
 
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import load_example
 
 pytestmark = pytest.mark.usefixtures("single_thread_per_module")
 TINY = ["--config_overrides", '{"norm_type": "layernorm", "ff_glu": false, "hidden_act": "gelu", "mlp_bias": true}',
@@ -21,11 +19,7 @@ TINY = ["--config_overrides", '{"norm_type": "layernorm", "ff_glu": false, "hidd
 
 @pytest.fixture(scope="module")
 def train_clm():
-    spec = importlib.util.spec_from_file_location("examples_train_clm_packing", REPO / "examples" / "train_clm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+    return load_example("train_clm")
 
 
 def test_documents_have_varying_lengths_within_the_block_size(train_clm):
