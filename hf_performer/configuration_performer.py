@@ -182,7 +182,9 @@ class PerformerConfig(PreTrainedConfig):
     r"""Configuration of a Performer (kernel attention) transformer.
 
     Sizes and block:
-        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size (default
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads (grouped-query
+        attention, arXiv 2305.13245: key/value heads shared by ``num_attention_heads / num_key_value_heads`` query
+        heads each; default ``num_attention_heads``, plain multi-head attention), intermediate_size (default
         ``ff_mult * hidden_size``), hidden_act (a key of ``transformers.activations.ACT2FN``), ff_glu (gated
         feed-forward, arXiv 2002.05202), ff_chunks (split the feed-forward over the sequence to cut activation
         memory), norm_type (``layernorm``, ``rmsnorm``, ``scalenorm`` arXiv 1910.05895, ``rezero`` arXiv 2003.04887),
@@ -259,6 +261,7 @@ class PerformerConfig(PreTrainedConfig):
     hidden_size: int = _field(512, _POSITIVE)
     num_hidden_layers: int = _field(6, _POSITIVE)
     num_attention_heads: int = _field(8, _POSITIVE)
+    num_key_value_heads: int | None = _field(None, _POSITIVE)
     intermediate_size: int | None = _field(None, _POSITIVE)
     ff_mult: int = _field(4, _POSITIVE)
     ff_glu: bool = False
@@ -319,6 +322,8 @@ class PerformerConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
             self.intermediate_size = self.ff_mult * self.hidden_size
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
         if self.feature_map_kwargs is None:
             self.feature_map_kwargs = {}
         for name in ("local_attn_heads", "axial_pos_shape", "axial_pos_embds_dim"):
@@ -368,6 +373,11 @@ class PerformerConfig(PreTrainedConfig):
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})"
             )
         if self.position_embedding_type == "rotary" and self.head_dim % 2:
             raise ValueError(f"position_embedding_type='rotary' needs an even head dim, got {self.head_dim}")

@@ -201,10 +201,12 @@ class PerformerAttention(nn.Module):
         self.num_global_heads = config.num_attention_heads - self.num_local_heads
         # rotary on every head with rotary positions; with local_rotary only on the local heads
         self.first_rotary_head = 0 if config.position_embedding_type == "rotary" else self.num_global_heads
-        hidden, bias = config.hidden_size, config.attention_bias
+        # grouped-query attention (arXiv 2305.13245): each key/value head serves ``kv_groups`` query heads
+        self.kv_groups = config.num_attention_heads // config.num_key_value_heads
+        hidden, kv_hidden, bias = config.hidden_size, config.num_key_value_heads * self.head_dim, config.attention_bias
         self.q_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.k_proj = nn.Linear(hidden, hidden, bias=bias)
-        self.v_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_hidden, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_hidden, bias=bias)
         self.o_proj = nn.Linear(hidden, hidden, bias=bias)
         self.dropout = nn.Dropout(config.attention_dropout)
         self.kind = global_attention_kind(config)
@@ -233,8 +235,11 @@ class PerformerAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, N, d)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, N, d)
+        if self.kv_groups > 1:  # query head h uses key/value head h // kv_groups
+            k = k.repeat_interleave(self.kv_groups, dim=1)  # (B, H, N, d)
+            v = v.repeat_interleave(self.kv_groups, dim=1)
         if position_embeddings is not None:
             q = apply_rotary(q, *position_embeddings, self.first_rotary_head)
             k = apply_rotary(k, *position_embeddings, self.first_rotary_head)

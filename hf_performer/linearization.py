@@ -1,0 +1,703 @@
+"""Linearize a pretrained softmax model: the same weights with kernel attention, then its quality recovered.
+
+    from hf_performer import linearize
+    result = linearize(model, tokenizer, feature_map="hedgehog", output_dir="runs/minilm")
+    result.model, result.metrics
+
+    hf-performer-linearize --model_name_or_path PATH --output_dir DIR [--feature_map hedgehog] [TrainingArguments]
+
+Stages, each a ``transformers.Trainer`` run (so accelerate / torchrun, bf16, gradient checkpointing, resume and
+progress bars work as in any fine-tune):
+
+1. Attention transfer (Hedgehog arXiv 2402.04347, LoLCATs arXiv 2410.10254 sec. 3.1): every attention module runs
+   the host's softmax attention *and* kernel attention on the same q, k, v; the softmax output goes on, so each
+   layer sees the teacher's inputs, and the kernel output is trained to match it (relative MSE over real tokens).
+   Only the attention's own parameters train (learned feature maps such as ``hedgehog``, the hybrid's window
+   factors); maps with nothing to learn (``favor+``, ``relu``, ``taylor``) skip this stage.
+2. End-to-end distillation from a frozen copy of the original model: KL of the next-token distribution for causal
+   LMs (plus ``lm_loss_weight`` times the usual LM loss), hidden-state MSE plus (1 - cosine) of the mean-pooled
+   sentence embedding for encoders. Every weight trains, or LoRA adapters (``lora_r > 0``, through ``peft``;
+   merged before saving) plus the feature maps.
+
+Then both models are evaluated on held-out text (perplexity for LMs; for encoders the cosine of each sentence
+embedding to the original's and the correlation of pairwise similarities) and a table is printed.
+
+Output: a standard transformers folder. Llama-family decoders (``convert_llama.NATIVE_MODEL_TYPES``) are saved as
+``PerformerForCausalLM`` (constant memory per generated token through ``PerformerCache``); every other model keeps
+its architecture with ``attn_implementation="performer"`` written into its config and the package's code next to
+it, so ``AutoModel.from_pretrained(DIR)`` after ``import hf_performer`` (or with ``trust_remote_code=True`` where
+it is not installed) runs kernel attention as saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import logging
+
+from .attention_backend import (
+    ATTN_IMPLEMENTATION,
+    KERNEL_ATTRIBUTE,
+    PerformerKernel,
+    dispatches_attention,
+    performer_attention_forward,
+    prepare_model_for_performer_attention,
+)
+from .convert_llama import NATIVE_MODEL_TYPES, convert_llama_to_performer, converts_natively
+
+logger = logging.get_logger(__name__)
+
+TRANSFER_IMPLEMENTATION = "performer_transfer"
+MODEL_KINDS = ("auto", "encoder", "causal_lm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearizeArguments:
+    """What to convert and how (``hf-performer-linearize --help`` lists them with the TrainingArguments)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Local path of the softmax model."})
+    model_kind: str = field(default="auto", metadata={"help": f"One of {MODEL_KINDS}: encoder (AutoModel, sentence "
+                            "embeddings) or causal_lm (AutoModelForCausalLM); auto reads config.architectures."})
+    feature_map: str = field(default="hedgehog", metadata={"help": "A name from hf_performer.available_feature_maps()."})
+    nb_features: int | None = field(default=None, metadata={"help": "Number of features (default: the map's)."})
+    feature_map_kwargs: str | None = field(default=None, metadata={"help": "JSON dict of extra feature-map options."})
+    window_size: int = field(default=0, metadata={"help": "> 0: LoLCATs hybrid, exact softmax over this many "
+                             "neighbouring tokens plus kernel attention over the rest (0: kernel attention only)."})
+    feature_seed: int = field(default=0, metadata={"help": "Seed of random feature projections."})
+    transfer_steps: int = field(default=200, metadata={"help": "Stage 1 (attention transfer) optimizer steps; 0 skips it."})
+    transfer_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 1 learning rate."})
+    distill_steps: int = field(default=300, metadata={"help": "Stage 2 steps when neither --max_steps nor "
+                               "--num_train_epochs is given; 0 skips stage 2."})
+    lm_loss_weight: float = field(default=0.0, metadata={"help": "Causal LMs: weight of the LM loss next to the KL."})
+    lora_r: int = field(default=0, metadata={"help": "> 0: stage 2 trains LoRA adapters of this rank (peft) and "
+                        "the feature maps instead of every weight."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str | None = field(default=None, metadata={"help": "Comma-separated module names for LoRA "
+                                            "(default: the attention projections peft knows for the model)."})
+    convert_natively: bool = field(default=True, metadata={"help": "Save Llama-family decoders as PerformerForCausalLM."})
+    eval_every: int = field(default=0, metadata={"help": "> 0: evaluate every this many steps of each stage "
+                            "(written to quality_curve.json, for plots of quality against training tokens)."})
+    max_eval_samples: int = field(default=256, metadata={"help": "Held-out sentences / blocks to evaluate on."})
+
+    def __post_init__(self):
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
+        for name in ("transfer_steps", "distill_steps", "window_size", "lora_r", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.nb_features is not None and (isinstance(self.nb_features, bool) or not isinstance(self.nb_features, int)
+                                             or self.nb_features <= 0):
+            raise ValueError(f"nb_features must be a positive int, got {self.nb_features!r}")
+        if isinstance(self.feature_map_kwargs, str):
+            try:
+                self.feature_map_kwargs = json.loads(self.feature_map_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"feature_map_kwargs must be a JSON object, got {self.feature_map_kwargs!r}: "
+                                 f"{error}") from None
+        if self.feature_map_kwargs is not None and not isinstance(self.feature_map_kwargs, dict):
+            raise ValueError(f"feature_map_kwargs must be a JSON object (dict), got {self.feature_map_kwargs!r}")
+        from .feature_maps import FEATURE_MAPS  # the registry, which users may extend
+
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
+
+
+@dataclass
+class DataArguments:
+    """Training text. With none of these the embedded corpus is used: CPython's documentation
+    (``pydoc_data.topics``), every 10th topic held out for evaluation."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A datasets name or local path (load_dataset)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_file: str | None = field(default=None, metadata={"help": "A local .txt / .json / .jsonl / .csv file."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    validation_split_percentage: int = field(default=10, metadata={"help": "Held-out share when the data has no "
+                                             "validation split."})
+    max_seq_length: int = field(default=128, metadata={"help": "Encoders: longest sentence in tokens; causal LMs: "
+                                "block length."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+
+
+@dataclass
+class LinearizeResult:
+    model: nn.Module
+    teacher: nn.Module
+    metrics: dict[str, dict[str, float]]
+    curve: list[dict[str, Any]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def embedded_corpus() -> tuple[list[str], list[str]]:
+    """(train, held-out) documents of CPython's documentation; held out: every 10th topic in sorted order."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    train = [topics[name] for i, name in enumerate(names) if i % 10 != 9]
+    held_out = [topics[name] for i, name in enumerate(names) if i % 10 == 9]
+    return train, held_out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+
+
+def split_sentences(documents: list[str], min_chars: int = 24, max_chars: int = 400) -> list[str]:
+    """Sentence-like pieces of prose (code listings and headings are mostly dropped by the length bounds)."""
+    sentences = []
+    for document in documents:
+        for piece in _SENTENCE_END.split(document):
+            piece = " ".join(piece.split())
+            if min_chars <= len(piece) <= max_chars:
+                sentences.append(piece)
+    return sentences
+
+
+def _load_texts(data: DataArguments) -> tuple[list[str], list[str]]:
+    if data.dataset_name is None and data.train_file is None:
+        return embedded_corpus()
+    from datasets import load_dataset
+
+    if data.train_file is not None:
+        suffix = Path(data.train_file).suffix.lstrip(".")
+        builder = {"txt": "text", "jsonl": "json"}.get(suffix, suffix)
+        raw = load_dataset(builder, data_files={"train": data.train_file})
+    else:
+        raw = load_dataset(data.dataset_name, data.dataset_config)
+    if "validation" not in raw:
+        raw = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=0)
+        raw["validation"] = raw.pop("test")
+    for split in ("train", "validation"):
+        if data.text_column not in raw[split].column_names:
+            raise ValueError(f"text_column={data.text_column!r} is not a column of the {split} split; it has "
+                             f"{raw[split].column_names}")
+    texts = lambda split: [t for t in raw[split][data.text_column] if isinstance(t, str) and t.strip()]  # noqa: E731
+    return texts("train"), texts("validation")
+
+
+def build_datasets(tokenizer, kind: str, data: DataArguments, max_eval_samples: int):
+    """(train, held-out) lists of tokenised examples: sentences for encoders, ``max_seq_length`` blocks of the
+    concatenated text for causal LMs."""
+    train_texts, eval_texts = _load_texts(data)
+    if kind == "encoder":
+        train_texts, eval_texts = split_sentences(train_texts), split_sentences(eval_texts)
+        encode = lambda texts: [  # noqa: E731
+            {"input_ids": ids} for ids in tokenizer(texts, truncation=True, max_length=data.max_seq_length)["input_ids"]
+        ]
+        train, held_out = encode(train_texts), encode(eval_texts)
+    else:
+        def blocks(texts):
+            ids = [i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids]
+            n = data.max_seq_length
+            return [{"input_ids": ids[s:s + n]} for s in range(0, len(ids) - n + 1, n)]
+
+        train, held_out = blocks(train_texts), blocks(eval_texts)
+    if data.max_train_samples is not None:
+        train = train[: data.max_train_samples]
+    if not train or not held_out:
+        raise ValueError(f"no training ({len(train)}) or held-out ({len(held_out)}) examples; give more text or a "
+                         "smaller --max_seq_length")
+    # a spread-out, deterministic sample of the held-out set
+    stride = max(1, len(held_out) // max_eval_samples)
+    return train, held_out[::stride][:max_eval_samples]
+
+
+class _Collator:
+    """Pads to the longest example (right padding) with an attention mask; the tokenizer's pad id or 0."""
+
+    def __init__(self, pad_token_id: int | None):
+        self.pad = 0 if pad_token_id is None else int(pad_token_id)
+
+    def __call__(self, examples):
+        length = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), length), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            ids[row, :n] = torch.tensor(example["input_ids"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: attention transfer
+# ----------------------------------------------------------------------------------------------------------------
+
+# The (B, N) 0/1 mask of real query tokens of the batch being transferred (attention functions do not see it).
+_QUERY_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("performer_query_mask", default=None)
+_TRANSFER_LOSS = "_performer_transfer_loss"
+
+
+def attention_transfer_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Softmax attention (returned, so the next layer sees the teacher's input) and kernel attention of the same
+    q, k, v; their relative squared error over real query tokens is left on the module for the loss."""
+    teacher, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                        **kwargs)  # (B, N, H, d)
+    student, _ = performer_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                             dropout=0.0, **kwargs)  # (B, N, H, d)
+    teacher32, error = teacher.detach().float(), (student.float() - teacher.detach().float()).pow(2)
+    real = _QUERY_MASK.get()
+    if real is not None and real.shape == error.shape[:2]:
+        weights = real.to(error.device, torch.float32)[:, :, None, None]  # (B, N, 1, 1)
+        denominator = (teacher32.pow(2) * weights).sum().clamp_min(1e-12)
+        loss = (error * weights).sum() / denominator
+    else:
+        loss = error.sum() / teacher32.pow(2).sum().clamp_min(1e-12)
+    setattr(module, _TRANSFER_LOSS, loss)
+    return teacher, None
+
+
+def register_attention_transfer() -> None:
+    AttentionInterface.register(TRANSFER_IMPLEMENTATION, attention_transfer_forward)
+    AttentionMaskInterface.register(TRANSFER_IMPLEMENTATION, sdpa_mask)
+
+
+register_attention_transfer()
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if not isinstance(m, PerformerKernel) and dispatches_attention(m)
+            and hasattr(m, KERNEL_ATTRIBUTE)]
+
+
+def kernel_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the kernels attached to ``model``'s attention modules (feature maps, window factors)."""
+    return [p for m in model.modules() if isinstance(m, PerformerKernel) for p in m.parameters()]
+
+
+class AttentionTransferTrainer(Trainer):
+    """Trains only the kernel parameters to reproduce each layer's softmax attention output."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        token = _QUERY_MASK.set(inputs.get("attention_mask"))
+        try:
+            outputs = model(**inputs, use_cache=False)
+        finally:
+            _QUERY_MASK.reset(token)
+        modules = _attention_modules(self.accelerator.unwrap_model(model))
+        losses = [getattr(m, _TRANSFER_LOSS) for m in modules if getattr(m, _TRANSFER_LOSS, None) is not None]
+        if not losses:
+            raise RuntimeError("no attention module ran attention transfer; does the model dispatch its attention "
+                               "through transformers' AttentionInterface?")
+        loss = torch.stack(losses).mean()
+        for m in modules:
+            setattr(m, _TRANSFER_LOSS, None)
+        return (loss, outputs) if return_outputs else loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: distillation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real tokens (sentence-transformers' pooling): (B, N, D) -> (B, D)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, N, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+class DistillationTrainer(Trainer):
+    """Matches a frozen teacher: next-token KL for causal LMs, hidden states and pooled embeddings for encoders."""
+
+    def __init__(self, *args, teacher: nn.Module, kind: str, lm_loss_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.kind, self.lm_loss_weight = kind, lm_loss_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.teacher.to(self.args.device)
+        mask = inputs.get("attention_mask")
+        with torch.no_grad():
+            target = self.teacher(**inputs, use_cache=False)
+        outputs = model(**inputs, use_cache=False)
+        if self.kind == "causal_lm":
+            loss = distillation_kl(outputs.logits, target.logits, mask)
+            if self.lm_loss_weight:
+                loss = loss + self.lm_loss_weight * _lm_loss(outputs.logits, inputs["input_ids"], mask)
+        else:
+            loss = encoder_distillation_loss(outputs.last_hidden_state, target.last_hidden_state, mask)
+        return (loss, outputs) if return_outputs else loss
+
+
+def distillation_kl(student_logits, teacher_logits, attention_mask=None) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over real tokens."""
+    log_p = F.log_softmax(teacher_logits.float(), -1)
+    log_q = F.log_softmax(student_logits.float(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, N)
+    if attention_mask is None:
+        return kl.mean()
+    weights = attention_mask.to(kl.dtype)
+    return (kl * weights).sum() / weights.sum().clamp_min(1)
+
+
+def _lm_loss(logits, input_ids, attention_mask=None) -> torch.Tensor:
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100) if attention_mask is not None else input_ids[:, 1:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def encoder_distillation_loss(student_hidden, teacher_hidden, attention_mask=None) -> torch.Tensor:
+    """Relative MSE of the token states plus (1 - cosine) of the mean-pooled sentence embeddings."""
+    student_hidden, teacher_hidden = student_hidden.float(), teacher_hidden.float()
+    weights = torch.ones_like(student_hidden[..., :1]) if attention_mask is None else attention_mask[..., None].float()
+    mse = ((student_hidden - teacher_hidden).pow(2) * weights).sum() / (teacher_hidden.pow(2) * weights).sum().clamp_min(1e-12)
+    cosine = F.cosine_similarity(mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask), -1)
+    return mse + (1 - cosine).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sentence_embeddings(model, examples, collator, batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised mean-pooled embeddings (N, D) of tokenised sentences, in float32."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
+        hidden = model(**batch).last_hidden_state
+        chunks.append(F.normalize(mean_pool(hidden.float(), batch["attention_mask"]), dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+def embedding_agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Mean / min cosine of paired embeddings, and the Pearson correlation of the two pairwise-similarity
+    matrices (upper triangle): how well the converted model ranks sentence pairs as the original does."""
+    cosine = (student * teacher).sum(-1)
+    rows, cols = torch.triu_indices(len(student), len(student), offset=1)
+    a, b = (student @ student.T)[rows, cols].double(), (teacher @ teacher.T)[rows, cols].double()
+    correlation = torch.corrcoef(torch.stack([a, b]))[0, 1]
+    return {"mean_cosine": cosine.mean().item(), "min_cosine": cosine.min().item(),
+            "similarity_correlation": correlation.item()}
+
+
+@torch.no_grad()
+def perplexity(model, examples, collator, batch_size: int = 16) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
+        logits = model(**batch, use_cache=False).logits
+        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((labels != -100).sum())
+    return math.exp(total / max(count, 1))
+
+
+def evaluate(student, teacher, kind, examples, collator, teacher_reference=None) -> dict[str, float]:
+    """The stage-end metrics of ``student`` on held-out ``examples`` (the teacher's reference is reused)."""
+    if kind == "causal_lm":
+        return {"perplexity": perplexity(student, examples, collator)}
+    reference = teacher_reference if teacher_reference is not None else sentence_embeddings(teacher, examples, collator)
+    return embedding_agreement(sentence_embeddings(student, examples, collator), reference)
+
+
+class QualityCurveCallback(TrainerCallback):
+    """Evaluates every ``every`` steps and records (stage, step, tokens seen, metrics)."""
+
+    def __init__(self, stage, every, measure, tokens_per_step, curve, offset_tokens=0):
+        self.stage, self.every, self.measure, self.curve = stage, every, measure, curve
+        self.tokens_per_step, self.offset_tokens = tokens_per_step, offset_tokens
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.curve.append({"stage": self.stage, "step": state.global_step,
+                               "tokens": self.offset_tokens + state.global_step * self.tokens_per_step,
+                               **self.measure()})
+            model.train()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def model_kind(model: nn.Module) -> str:
+    """``causal_lm`` for a model with an LM head that generates, else ``encoder``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(model).__name__
+    return "causal_lm" if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith("ForCausalLM") else "encoder"
+
+
+def _stage_arguments(base: TrainingArguments, stage: str, **overrides) -> TrainingArguments:
+    output_dir = str(Path(base.output_dir) / stage) if base.output_dir else None
+    return dataclasses.replace(base, output_dir=output_dir, **overrides)
+
+
+def _with_lora(model, options: LinearizeArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = options.lora_target_modules.split(",") if options.lora_target_modules else None
+    lora = get_peft_model(model, LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, target_modules=targets,
+                                            lora_dropout=0.0))
+    for parameter in kernel_parameters(lora):  # learned feature maps keep training next to the adapters
+        parameter.requires_grad_(True)
+    return lora
+
+
+def linearize(
+    model: nn.Module,
+    tokenizer=None,
+    *,
+    train_dataset: list[dict] | None = None,
+    eval_dataset: list[dict] | None = None,
+    training_args: TrainingArguments | None = None,
+    data_args: DataArguments | None = None,
+    output_dir: str | None = None,
+    **options,
+) -> LinearizeResult:
+    """Convert ``model`` (any transformers model whose attention dispatches through ``AttentionInterface``) to
+    kernel attention and recover its quality; ``options`` are ``LinearizeArguments`` fields. The model is not
+    changed: the result holds a new one (and the frozen original as ``teacher``).
+
+    Data: ``train_dataset`` / ``eval_dataset`` (lists of ``{"input_ids": [...]}``), or text through ``data_args``
+    and ``tokenizer`` (default: the embedded corpus). With ``output_dir`` the result is saved there (see the
+    module docstring); stage checkpoints go to ``training_args.output_dir``.
+    """
+    args = options.pop("args", None)
+    if args is None:
+        args = LinearizeArguments(**options)
+    elif options or not isinstance(args, LinearizeArguments):
+        raise TypeError("pass either args=LinearizeArguments(...) or its fields as keyword arguments, not both")
+    kind = model_kind(model) if args.model_kind == "auto" else args.model_kind
+    data_args = data_args or DataArguments()
+    if train_dataset is None or eval_dataset is None:
+        if tokenizer is None:
+            raise ValueError("linearize needs a tokenizer (or train_dataset and eval_dataset)")
+        built_train, built_eval = build_datasets(tokenizer, kind, data_args, args.max_eval_samples)
+        train_dataset = built_train if train_dataset is None else train_dataset
+        eval_dataset = built_eval if eval_dataset is None else eval_dataset
+    if training_args is None:
+        training_args = TrainingArguments(output_dir=output_dir or "linearize-runs", per_device_train_batch_size=16,
+                                          learning_rate=1e-4, logging_steps=50, save_strategy="no",
+                                          report_to="none", lr_scheduler_type="cosine", warmup_steps=10)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else getattr(model.config, "pad_token_id", None)
+    collator = _Collator(pad)
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    student = copy.deepcopy(model)
+    if args.window_size:
+        student.config.performer_window_size = args.window_size
+    prepare_model_for_performer_attention(
+        student, feature_map=args.feature_map, nb_features=args.nb_features, feature_seed=args.feature_seed,
+        feature_map_kwargs=args.feature_map_kwargs,
+    )
+    teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
+    measure = lambda: evaluate(student, teacher, kind, eval_dataset, collator, teacher_reference)  # noqa: E731
+    metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference),
+               "kernel attention, no training": measure()}
+    curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, **metrics["kernel attention, no training"]}]
+    tokens_per_step = _tokens_per_step(train_dataset, training_args)
+    tokens = 0
+
+    # -- stage 1 ---------------------------------------------------------------------------------------------------
+    trainable = kernel_parameters(student)
+    if args.transfer_steps and trainable:
+        student.requires_grad_(False)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
+        stage_args = _stage_arguments(training_args, "transfer", max_steps=args.transfer_steps,
+                                      learning_rate=args.transfer_learning_rate, num_train_epochs=1.0)
+        trainer = AttentionTransferTrainer(model=student, args=stage_args, train_dataset=train_dataset,
+                                           data_collator=collator)
+        if args.eval_every:
+            trainer.add_callback(QualityCurveCallback("transfer", args.eval_every, measure, tokens_per_step, curve))
+        trainer.train(resume_from_checkpoint=_resume(stage_args))
+        student.set_attn_implementation(ATTN_IMPLEMENTATION)
+        tokens = args.transfer_steps * tokens_per_step
+        metrics["+ attention transfer"] = measure()
+    elif args.transfer_steps:
+        logger.warning(f"feature_map={args.feature_map!r} has no parameters to learn: attention transfer skipped")
+
+    # -- stage 2 ---------------------------------------------------------------------------------------------------
+    explicit = training_args.max_steps > 0 or "--num_train_epochs" in sys.argv
+    distill_steps = training_args.max_steps if training_args.max_steps > 0 else args.distill_steps
+    if distill_steps or explicit:
+        student.requires_grad_(True)
+        trained = _with_lora(student, args) if args.lora_r else student
+        overrides = {} if explicit else {"max_steps": distill_steps}
+        stage_args = _stage_arguments(training_args, "distill", **overrides)
+        trainer = DistillationTrainer(model=trained, args=stage_args, train_dataset=train_dataset,
+                                      data_collator=collator, teacher=teacher, kind=kind,
+                                      lm_loss_weight=args.lm_loss_weight)
+        if args.eval_every:
+            trainer.add_callback(QualityCurveCallback("distill", args.eval_every, measure, tokens_per_step, curve,
+                                                      offset_tokens=tokens))
+        trainer.train(resume_from_checkpoint=_resume(stage_args))
+        if args.lora_r:
+            student = trained.merge_and_unload()
+        metrics["+ distillation" + (" (LoRA)" if args.lora_r else "")] = measure()
+    student.eval()
+
+    final = student
+    if kind == "causal_lm" and args.convert_natively and converts_natively(student.config):
+        final = convert_llama_to_performer(student)
+    result = LinearizeResult(final, teacher, metrics, curve)
+    if output_dir:
+        save_linearized(final, output_dir, tokenizer)
+        _write_report(Path(output_dir), result, kind, args)
+    return result
+
+
+def _tokens_per_step(dataset, training_args) -> int:
+    lengths = [len(e["input_ids"]) for e in dataset[:256]]
+    return int(round(sum(lengths) / len(lengths) * training_args.per_device_train_batch_size
+                     * training_args.gradient_accumulation_steps * max(1, training_args.world_size)))
+
+
+def _resume(stage_args: TrainingArguments):
+    """resume_from_checkpoint=True only when the stage has a checkpoint to resume from."""
+    if not stage_args.resume_from_checkpoint or not stage_args.output_dir:
+        return None
+    if stage_args.resume_from_checkpoint not in ("True", "true", True):
+        return stage_args.resume_from_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(stage_args.output_dir) if Path(stage_args.output_dir).is_dir() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------------------
+
+_REMOTE_MODULE = "modeling_linearized"
+
+
+def save_linearized(model: nn.Module, output_dir: str, tokenizer=None) -> None:
+    """Save a linearized model so that it loads with kernel attention and no extra argument.
+
+    A native Performer is saved as it is. A host model gets ``"attn_implementation": "performer"`` in its
+    config.json and, for ``trust_remote_code=True`` loading without hf_performer installed, a small module that
+    registers the attention and subclasses the host class, with the package's code beside it (``auto_map``)."""
+    output = Path(output_dir)
+    model.save_pretrained(output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    if model.config.model_type == "performer":
+        return
+    host = type(model)
+    auto_class = "AutoModelForCausalLM" if model_kind(model) == "causal_lm" else "AutoModel"
+    _copy_package_code(output)
+    (output / f"{_REMOTE_MODULE}.py").write_text(
+        f'"""{host.__name__} with kernel (Performer) attention, written by hf_performer.linearize."""\n\n'
+        f"from transformers import {host.__name__} as _Host\n\n"
+        "from .attention_backend import register_performer_attention\n\n"
+        "register_performer_attention()\n\n\n"
+        f"class Linearized{host.__name__}(_Host):\n"
+        "    def __init__(self, config, *args, **kwargs):\n"
+        '        config._attn_implementation = "performer"  # the kernels attach while the modules are built\n'
+        "        super().__init__(config, *args, **kwargs)\n"
+    )
+    config_path = output / "config.json"
+    config = json.loads(config_path.read_text())
+    config["attn_implementation"] = ATTN_IMPLEMENTATION
+    config.setdefault("auto_map", {})[auto_class] = f"{_REMOTE_MODULE}.Linearized{host.__name__}"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_package_code(output: Path) -> None:
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    backend = Path(__file__).with_name("attention_backend.py")
+    for path in [backend, *get_relative_import_files(str(backend))]:
+        shutil.copy(path, output / Path(path).name)
+
+
+def _write_report(output: Path, result: LinearizeResult, kind: str, args: LinearizeArguments) -> None:
+    (output / "linearize_results.json").write_text(json.dumps(
+        {"kind": kind, "options": dataclasses.asdict(args), "metrics": result.metrics, "curve": result.curve},
+        indent=2, default=str) + "\n")
+
+
+def results_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per stage, one column per metric."""
+    columns = list(next(iter(metrics.values())))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, values in metrics.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _load(args: LinearizeArguments):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required (a local folder with a transformers model)")
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    kind = args.model_kind
+    if kind == "auto":
+        architectures = config.architectures or []
+        kind = "causal_lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else "encoder"
+    loader = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
+    model = loader.from_pretrained(args.model_name_or_path, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token_id is None and kind == "encoder":
+        raise ValueError(f"the tokenizer of {args.model_name_or_path} has no pad token; encoders need one")
+    return model, tokenizer, kind
+
+
+def main(argv: list[str] | None = None) -> LinearizeResult:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((LinearizeArguments, DataArguments, TrainingArguments))
+    args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    model, tokenizer, kind = _load(args)
+    args.model_kind = kind
+    started = time.perf_counter()
+    result = linearize(model, tokenizer, args=args, data_args=data_args, training_args=training_args,
+                       output_dir=training_args.output_dir)
+    print(results_table(result.metrics))
+    print(f"{time.perf_counter() - started:.0f} s; saved to {training_args.output_dir}")
+    return result
+
+
+__all__ = [
+    "DataArguments",
+    "LinearizeArguments",
+    "LinearizeResult",
+    "attention_transfer_forward",
+    "embedding_agreement",
+    "linearize",
+    "main",
+    "results_table",
+    "save_linearized",
+]
