@@ -422,6 +422,9 @@ class PerformerConfig(PreTrainedConfig):
                 f"feature_map={self.feature_map!r} uses statistics of the whole sequence and cannot be causal; "
                 "use it with causal=False or pick a causal map such as 'favor+'"
             )
+        if map_class.per_head and "num_heads" in self.feature_map_kwargs:
+            raise ValueError(f"feature_map_kwargs cannot set num_heads for feature_map={self.feature_map!r}: each "
+                             "layer passes the number of heads it runs")
         # A trial construction on the meta device runs the class's own checks of its options without drawing
         # anything: RandomProjectionFeatureMap.new_feature_map skips meta buffers, and meta tensors use no RNG.
         try:
@@ -500,6 +503,8 @@ class PerformerConfig(PreTrainedConfig):
             options.setdefault("num_features", self.num_random_features)
             options.setdefault("orthogonal", self.orthogonal_features)
             options.setdefault("norm_scaling", self.feature_norm_scaling)
+        if map_class.per_head:
+            options["num_heads"] = self.num_attention_heads  # the layers pass their own count; any valid one checks
         return options
 
 
