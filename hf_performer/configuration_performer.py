@@ -196,7 +196,9 @@ class PerformerConfig(PreTrainedConfig):
         orthogonal_features / feature_norm_scaling: orthogonal (block-QR) or iid projections, rows scaled by
             chi-distributed norms (``chi``) or sqrt(d) (``sqrt_d``).
         feature_map_kwargs: extra keyword arguments of the feature map class (JSON-serialisable). They are checked
-            at construction by building the map on the meta device, which draws nothing.
+            at construction by building the map on the meta device, which draws nothing. Maps without a random
+            projection size themselves here (``hedgehog``: ``{"num_features": 2 f}``; ``taylor`` has a fixed size);
+            per-head maps get each layer's head count from the layer, not from here.
         feature_redraw_interval: optimizer steps between redraws of the random features (used by
             ``PerformerFeatureRedrawCallback``); 0 or None: never redraw.
         feature_seed: seed of the random features (with the layer index and the redraw counter).
