@@ -20,6 +20,10 @@ Two maps use statistics of the whole sequence, so their features of one token de
 (keys are a softmax over the sequence). They override ``attention_features`` / ``kernel_features``; padding is
 kept out of their statistics through ``key_mask`` / ``query_mask`` ((B, S) / (B, N), 1 = real token).
 
+Two maps are for linearising a pretrained softmax model (LoLCATs, arXiv 2410.10254): ``taylor``, deterministic
+second-order Taylor features of exp, and ``hedgehog``, trainable per head (``nn.Parameter``s, saved with the
+model; ``per_head = True`` maps are built with the number of heads they will see).
+
 Inputs are expected already scaled (the attention layer multiplies q and k by ``d ** -0.25`` each, so that the
 softmax kernel exp(q . k) is the usual exp(q . k / sqrt(d))).
 """
@@ -718,7 +722,6 @@ class SquareFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float().square()
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
