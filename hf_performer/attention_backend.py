@@ -19,6 +19,10 @@ AutoModel.from_pretrained(path, config=config, attn_implementation="performer")`
                                       ``feature_seed(seed, i, stream)`` (``stream`` 1 for cross-attention).
     ``performer_chunk_size``          chunk length of the causal algorithm; default 64.
 
+Trainable maps (``"hedgehog"``, for linearising a pretrained model as in LoLCATs) keep their parameters in the same
+submodule: they are trained, saved and reloaded with the model, and a checkpoint without them starts them at the
+map's own initial values (identity), never at the host's random init.
+
 Per-layer random projections live in a ``performer_kernel`` submodule attached to every attention module, as
 persistent buffers: ``save_pretrained`` writes them and ``from_pretrained(..., attn_implementation="performer")``
 reads them back (a module-registration hook attaches the submodule while the model is being built, so its keys
@@ -101,6 +105,9 @@ class PerformerKernel(nn.Module):
         projection = getattr(feature_map, "projection", None)
         if projection is not None and not projection.is_meta:
             projection._is_hf_initialized = True  # the host's weight init must not draw it again
+        for parameter in feature_map.parameters():  # learned maps (hedgehog) start at their own init, not normal_
+            if not parameter.is_meta:
+                parameter._is_hf_initialized = True
 
     @torch.no_grad()
     def draw(self, seed: int | None = None) -> None:
@@ -121,6 +128,8 @@ class PerformerKernel(nn.Module):
         if value and projection is not None and not projection.is_meta:
             if not getattr(projection, "_is_hf_initialized", False):
                 self.draw()  # missing from the checkpoint: the memory is uninitialised
+        if value:  # learned parameters the checkpoint lacks (a softmax checkpoint): the map's initial values
+            self.feature_map.reset_learned_parameters(missing_only=True)
         self.__dict__["_performer_initialized"] = bool(value)
 
     def extra_repr(self) -> str:
@@ -157,9 +166,20 @@ def build_kernel(module: nn.Module, config, head_dim: int) -> PerformerKernel:
         raise ValueError(f"performer_feature_map must be one of {choices}, got {name!r}")
     seed = _layer_seed(module, config)
     nb_features = int(_config_value(config, "performer_nb_features", default_num_features(head_dim)))
-    feature_map = build_feature_map(name, head_dim, num_features=nb_features, seed=seed,
+    num_heads = _num_query_heads(module, config) if FEATURE_MAPS[name].per_head else None
+    feature_map = build_feature_map(name, head_dim, num_features=nb_features, seed=seed, num_heads=num_heads,
                                     options=_config_value(config, "performer_feature_map_kwargs", {}))
     return PerformerKernel(feature_map, seed)
+
+
+def _num_query_heads(module: nn.Module, config) -> int | None:
+    """The heads a per-head map sees: the module's query heads (GQA repeats the keys to match before the map)."""
+    for name in ("num_heads", "num_attention_heads"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(config, "num_attention_heads", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 _DISPATCHES: dict[type, bool] = {}

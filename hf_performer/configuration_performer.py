@@ -198,7 +198,9 @@ class PerformerConfig(PreTrainedConfig):
         orthogonal_features / feature_norm_scaling: orthogonal (block-QR) or iid projections, rows scaled by
             chi-distributed norms (``chi``) or sqrt(d) (``sqrt_d``).
         feature_map_kwargs: extra keyword arguments of the feature map class (JSON-serialisable). They are checked
-            at construction by building the map on the meta device, which draws nothing.
+            at construction by building the map on the meta device, which draws nothing. Maps without a random
+            projection size themselves here (``hedgehog``: ``{"num_features": 2 f}``; ``taylor`` has a fixed size);
+            per-head maps get each layer's head count from the layer, not from here.
         feature_redraw_interval: optimizer steps between redraws of the random features (used by
             ``PerformerFeatureRedrawCallback``); 0 or None: never redraw.
         feature_seed: seed of the random features (with the layer index and the redraw counter).
@@ -432,6 +434,9 @@ class PerformerConfig(PreTrainedConfig):
                 f"feature_map={self.feature_map!r} uses statistics of the whole sequence and cannot be causal; "
                 "use it with causal=False or pick a causal map such as 'favor+'"
             )
+        if map_class.per_head and "num_heads" in self.feature_map_kwargs:
+            raise ValueError(f"feature_map_kwargs cannot set num_heads for feature_map={self.feature_map!r}: each "
+                             "layer passes the number of heads it runs")
         # A trial construction on the meta device runs the class's own checks of its options without drawing
         # anything: RandomProjectionFeatureMap.new_feature_map skips meta buffers, and meta tensors use no RNG.
         try:
@@ -510,6 +515,8 @@ class PerformerConfig(PreTrainedConfig):
             options.setdefault("num_features", self.num_random_features)
             options.setdefault("orthogonal", self.orthogonal_features)
             options.setdefault("norm_scaling", self.feature_norm_scaling)
+        if map_class.per_head:
+            options["num_heads"] = self.num_attention_heads  # the layers pass their own count; any valid one checks
         return options
 
 

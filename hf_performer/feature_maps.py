@@ -20,6 +20,10 @@ Two maps use statistics of the whole sequence, so their features of one token de
 (keys are a softmax over the sequence). They override ``attention_features`` / ``kernel_features``; padding is
 kept out of their statistics through ``key_mask`` / ``query_mask`` ((B, S) / (B, N), 1 = real token).
 
+Two maps are for linearising a pretrained softmax model (LoLCATs, arXiv 2410.10254): ``taylor``, deterministic
+second-order Taylor features of exp, and ``hedgehog``, trainable per head (``nn.Parameter``s, saved with the
+model; ``per_head = True`` maps are built with the number of heads they will see).
+
 Inputs are expected already scaled (the attention layer multiplies q and k by ``d ** -0.25`` each, so that the
 softmax kernel exp(q . k) is the usual exp(q . k / sqrt(d))).
 """
@@ -117,12 +121,15 @@ class FeatureMap(nn.Module):
       ``approximates_softmax``: the kernel is (an unbiased estimate of) exp(q . k).
       ``supports_causal``: the map can be used in causal attention (no statistics over the whole sequence).
       ``is_random``: the map draws random parameters in ``new_feature_map``.
+      ``per_head``: the map has parameters of its own per head; it is built with ``num_heads`` and expects inputs
+      (..., H, N, d) with the heads at dim -3.
     """
 
     exponential: bool = False
     approximates_softmax: bool = False
     supports_causal: bool = True
     is_random: bool = False
+    per_head: bool = False
 
     def __init__(self, head_dim: int, **kwargs):
         super().__init__()
@@ -143,6 +150,23 @@ class FeatureMap(nn.Module):
 
     def new_feature_map(self, generator: torch.Generator | None = None) -> None:
         """Draw new random parameters (no-op for deterministic maps)."""
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        """The values a fresh map gives its trainable parameters, by attribute name (empty: none). A model's
+        ``_init_weights`` gives a parameter missing from a checkpoint this value, so it is never left to the host's
+        random init."""
+        return {}
+
+    @torch.no_grad()
+    def reset_learned_parameters(self, missing_only: bool = False) -> None:
+        """Copy ``initial_parameters()`` into the parameters (skipping meta ones, which a checkpoint will fill) and
+        mark them ``_is_hf_initialized``; ``missing_only`` keeps the parameters a checkpoint has loaded (marked)."""
+        for name, value in self.initial_parameters().items():
+            parameter = getattr(self, name)
+            if parameter.is_meta or (missing_only and getattr(parameter, "_is_hf_initialized", False)):
+                continue
+            parameter.copy_(value.to(parameter))
+            parameter._is_hf_initialized = True
 
     # -- plain per-token features --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -701,6 +725,114 @@ class SquareFeatureMap(FeatureMap):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Maps for linearising pretrained softmax attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TaylorFeatureMap(FeatureMap):
+    """Second-order Taylor features of exp (Based, arXiv 2402.18668, sec. 3.1): phi(x) = [1, x, vec(x x^T) / sqrt(2)]
+    so phi(q) . phi(k) = 1 + q.k + (q.k)^2 / 2 = ((1 + q.k)^2 + 1) / 2 > 0 for every q, k: a deterministic kernel
+    that follows exp(q . k) for small |q . k| (it is a truncated series, not an estimate: ``approximates_softmax`` is
+    False). The individual features are signed; only their products are positive.
+
+    The quadratic part uses the symmetric reduction: x x^T is symmetric, so its upper triangle is kept, diagonal
+    entries x_i^2 / sqrt(2) and off-diagonal ones x_i x_j (the two mirrored entries x_i x_j / sqrt(2) merged, a factor
+    sqrt(2)): d (d + 1) / 2 quadratic features instead of d^2, so ``num_features = 1 + d + d (d + 1) / 2``. The size
+    is fixed by d; ``num_features`` is not an option.
+    """
+
+    def __init__(self, head_dim: int, **kwargs):
+        if "num_features" in kwargs:
+            raise TypeError(
+                f"taylor has no num_features option: its size is fixed by head_dim, 1 + d + d (d + 1) / 2 = "
+                f"{1 + head_dim + head_dim * (head_dim + 1) // 2 if isinstance(head_dim, int) else '?'} for "
+                f"d = {head_dim!r}; got num_features={kwargs['num_features']!r}"
+            )
+        super().__init__(head_dim, **kwargs)
+
+    @property
+    def num_features(self) -> int:
+        return 1 + self.head_dim + self.head_dim * (self.head_dim + 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Indices built per call, not buffers: a model built on the meta device (from_pretrained) would leave
+        # non-persistent buffers uninitialised, and a float buffer would be rounded by model.to(bfloat16).
+        rows, cols = torch.triu_indices(self.head_dim, self.head_dim, device=x.device)  # (d(d+1)/2,) each
+        weights = torch.where(rows == cols, 1.0 / math.sqrt(2.0), 1.0)  # mirrored pairs merged off the diagonal
+        x = x.float()  # (..., N, d)
+        quadratic = x[..., rows] * x[..., cols] * weights  # (..., N, d(d+1)/2)
+        return torch.cat([torch.ones_like(x[..., :1]), x, quadratic], dim=-1)  # (..., N, 1 + d + d(d+1)/2)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, num_features={self.num_features}"
+
+
+class HedgehogFeatureMap(FeatureMap):
+    """Hedgehog's trainable map (arXiv 2402.04347, eq. 3), as LoLCATs trains it to linearise a pretrained model
+    (arXiv 2410.10254, sec. 3.1): per head h, phi(x) = [softmax(W_h x + b_h), softmax(-(W_h x + b_h))], each
+    softmax over the f features, so ``num_features = 2 f``. Queries and keys have their own W and b (LoLCATs'
+    ``feature_map_q`` / ``feature_map_k``), trained to make kernel attention mimic the softmax it replaces.
+
+    Features are positive and bounded (non-exponential), per token (causal, cross-attention) and not random.
+    ``num_features`` (even; default 2 d) sets f = num_features // 2. A fresh map starts at W = identity, b = 0 (so
+    phi(x) = [softmax(x), softmax(-x)], a sensible kernel before any training); with f != d, row i of W is the unit
+    vector e_(i mod d): the identity repeated (f a multiple of d gives the same attention as f = d) or truncated.
+    Inputs are (..., H, N, d) with H = ``num_heads`` at dim -3.
+    """
+
+    per_head = True
+
+    def __init__(self, head_dim: int, num_heads: int | None = None, num_features: int | None = None, **kwargs):
+        super().__init__(head_dim, **kwargs)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int (hedgehog has parameters per head), got {num_heads!r}")
+        num_features = 2 * head_dim if num_features is None else num_features
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 2 or num_features % 2:
+            raise ValueError(f"num_features must be an even int >= 2 (2 f: a softmax over f features of W x and one "
+                             f"of -W x), got {num_features!r}")
+        self.num_heads = num_heads
+        self.feature_dim = num_features // 2  # f
+        shape = (num_heads, self.feature_dim, head_dim)
+        self.query_weight = nn.Parameter(torch.empty(shape))  # (H, f, d)
+        self.query_bias = nn.Parameter(torch.empty(num_heads, self.feature_dim))  # (H, f)
+        self.key_weight = nn.Parameter(torch.empty(shape))  # (H, f, d)
+        self.key_bias = nn.Parameter(torch.empty(num_heads, self.feature_dim))  # (H, f)
+        self.reset_learned_parameters()  # no RNG: a model built twice starts from the same kernel
+
+    @property
+    def num_features(self) -> int:
+        return 2 * self.feature_dim
+
+    def initial_parameters(self) -> dict[str, torch.Tensor]:
+        eye = torch.eye(self.head_dim)[torch.arange(self.feature_dim) % self.head_dim]  # (f, d)
+        weight = eye.expand(self.num_heads, -1, -1)  # (H, f, d)
+        bias = torch.zeros(self.num_heads, self.feature_dim)  # (H, f)
+        return {"query_weight": weight, "query_bias": bias, "key_weight": weight, "key_bias": bias}
+
+    def features(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """[softmax(W_h x + b_h), softmax(-(W_h x + b_h))] in float32: (..., H, N, d) -> (..., H, N, 2f)."""
+        if x.dim() < 3 or x.shape[-3] != self.num_heads:
+            raise ValueError(f"hedgehog was built for num_heads={self.num_heads} and expects inputs "
+                             f"(..., {self.num_heads}, N, {self.head_dim}) with the heads at dim -3, got shape "
+                             f"{tuple(x.shape)}")
+        logits = torch.einsum("...hnd,hfd->...hnf", x.float(), weight.float())  # (..., H, N, f)
+        logits = logits + bias.float().unsqueeze(-2)  # (H, 1, f) broadcasts over tokens
+        return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)  # (..., H, N, 2f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("hedgehog has separate query and key maps: use forward_queries / forward_keys")
+
+    def forward_queries(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x, self.query_weight, self.query_bias)
+
+    def forward_keys(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x, self.key_weight, self.key_bias)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, num_heads={self.num_heads}, num_features={self.num_features}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -731,12 +863,20 @@ def build_feature_map(
     options: dict | None = None,
     seed: int | None = None,
     draw: bool = True,
+    num_heads: int | None = None,
 ) -> FeatureMap:
     """The map registered as ``name`` for heads of ``head_dim``. The random-projection settings apply to maps that
     have a projection (``options``, the class's own keyword arguments, override them); ``draw=False`` allocates the
-    projection without drawing it (a model draws it from ``seed`` in its ``_init_weights``)."""
+    projection without drawing it (a model draws it from ``seed`` in its ``_init_weights``). ``num_heads``, the
+    number of heads the map will see, goes to per-head maps (``per_head = True``) only, and is theirs to set:
+    ``options`` cannot override it."""
     map_class = get_feature_map_class(name)
     kwargs = dict(options or {})
+    if map_class.per_head:
+        if "num_heads" in kwargs:
+            raise ValueError(f"feature map options cannot set num_heads for {name!r}: the attention layer passes the "
+                             f"number of heads it runs")
+        kwargs["num_heads"] = num_heads
     if issubclass(map_class, RandomProjectionFeatureMap):
         for key, value in (("num_features", num_features), ("orthogonal", orthogonal), ("norm_scaling", norm_scaling),
                            ("seed", seed), ("draw", draw)):
@@ -768,5 +908,7 @@ for _name, _cls in {
     "elu": EluFeatureMap,
     "identity": IdentityFeatureMap,
     "square": SquareFeatureMap,
+    "taylor": TaylorFeatureMap,
+    "hedgehog": HedgehogFeatureMap,
 }.items():
     register_feature_map(_name, _cls)

@@ -111,6 +111,7 @@ class KernelAttention(nn.Module):
             self.feature_map = build_feature_map(
                 feature_map, self.head_dim, num_features=num_features, orthogonal=orthogonal,
                 norm_scaling=norm_scaling, options=feature_map_kwargs, seed=feature_seed(seed, 0, 0),
+                num_heads=num_heads,
             )
             self.feature_map.check_causal(causal)
             # exp(q . k * scale) = exp((root q) . (root k)): q and k each get the square root of the temperature

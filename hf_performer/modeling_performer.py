@@ -218,6 +218,7 @@ class PerformerAttention(nn.Module):
                 config.feature_map, self.head_dim, num_features=config.num_random_features,
                 orthogonal=config.orthogonal_features, norm_scaling=config.feature_norm_scaling,
                 options=config.feature_map_kwargs, seed=feature_seed(config.feature_seed, layer_idx, 0),
+                num_heads=self.num_global_heads,  # per-head maps (hedgehog) see the kernel heads only
             )
         self.options = global_attention_options(config, self.feature_map)
         self.local_options = LocalOptions(causal=config.causal, window=config.local_window_size,
@@ -299,6 +300,7 @@ class PerformerCrossAttention(nn.Module):
                 config.feature_map, self.head_dim, num_features=config.num_random_features,
                 orthogonal=config.orthogonal_features, norm_scaling=config.feature_norm_scaling,
                 options=config.feature_map_kwargs, seed=feature_seed(config.feature_seed, self.feature_index, 0),
+                num_heads=config.num_attention_heads,
             )
             self.kind = "cross_kernel"
             self.options = KernelOptions(self.feature_map, causal=False, qk_scale=config.qk_scale,
@@ -534,6 +536,11 @@ class PerformerPreTrainedModel(PreTrainedModel):
             # Drawn from the layer's seed: a projection missing from a checkpoint becomes the one a fresh model has.
             if not getattr(module.projection, "_is_hf_initialized", False):
                 init.copy_(module.projection, module.initial_projection())
+        elif isinstance(module, FeatureMap):
+            # Learned maps (hedgehog): a parameter missing from a checkpoint gets the map's own start (identity), not
+            # a random normal; init.copy_ keeps the parameters a checkpoint has loaded.
+            for name, value in module.initial_parameters().items():
+                init.copy_(getattr(module, name), value)
         elif isinstance(module, PerformerScaleNorm):
             init.constant_(module.g, module.hidden_size**0.5)
         elif isinstance(module, PerformerAxialPositionEmbedding):

@@ -50,7 +50,9 @@ def test_cross_attention_equals_the_float64_reference_and_ignores_encoder_paddin
 
 
 @pytest.mark.parametrize("options", [{}, dict(feature_map="exact"), dict(local_attn_heads=1, local_window_size=3,
-                                                                        shift_tokens=True)])
+                                                                        shift_tokens=True),
+                                     dict(feature_map="taylor"),  # per-token maps: the encoder side is cached too
+                                     dict(feature_map="hedgehog", local_attn_heads=1, local_window_size=3)])
 def test_cached_decoding_with_cross_attention_equals_the_uncached_forward(options):
     model = seeded(PerformerForCausalLM, decoder_config(**options))
     states, mask = encoder_batch(1)

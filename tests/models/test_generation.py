@@ -98,7 +98,7 @@ def test_exact_layers_cache_grows_with_context():
     assert large > small
 
 
-@pytest.mark.parametrize("feature_map", ["favor+", "relu", "exact"])
+@pytest.mark.parametrize("feature_map", ["favor+", "relu", "exact", "taylor", "hedgehog"])
 def test_greedy_generate_equals_argmax_loop_over_uncached_forwards(feature_map):
     model = seeded_lm(seed=1, feature_map=feature_map)
     ids = torch.randint(3, 97, (2, 7))

@@ -109,6 +109,30 @@ def ref_generalized(fn, eps, projection=True):
     return ref
 
 
+def ref_taylor(f, q, k, **_):
+    """[1, x, x_i x_j for i <= j], written as loops: x_i^2 / sqrt(2) on the diagonal, x_i x_j off it (arXiv
+    2402.18668: 1 + x.y + (x.y)^2 / 2 with the symmetric quadratic terms merged)."""
+    def phi(x):
+        d = x.shape[-1]
+        quadratic = [x[..., i] * x[..., j] * (1 / math.sqrt(2) if i == j else 1.0) for i in range(d) for j in range(i, d)]
+        return torch.cat([torch.ones_like(x[..., :1]), x, torch.stack(quadratic, -1)], -1)
+
+    return phi(q), phi(k)
+
+
+def ref_hedgehog(f, q, k, **_):
+    """Per head h: [softmax(W_h x + b_h), softmax(-W_h x - b_h)], queries and keys with their own W, b (arXiv
+    2402.04347, eq. 3), one head at a time."""
+    def phi(x, weight, bias):
+        heads = []
+        for h in range(x.shape[1]):
+            logits = x[:, h] @ weight[h].double().T + bias[h].double()  # (B, N, f)
+            heads.append(torch.cat([torch.softmax(logits, -1), torch.softmax(-logits, -1)], -1))
+        return torch.stack(heads, 1)  # (B, H, N, 2f)
+
+    return phi(q, f.query_weight, f.query_bias), phi(k, f.key_weight, f.key_bias)
+
+
 relu = lambda t: t.clamp_min(0)
 elu1 = lambda t: torch.where(t > 0, t + 1, torch.exp(t))
 
@@ -132,6 +156,9 @@ MAPS = {
     "elu": ("elu", {}, ref_generalized(elu1, 0.0, projection=False), True, True),
     "identity": ("identity", {}, ref_generalized(lambda t: t, 0.0, projection=False), False, True),
     "square": ("square", {}, ref_generalized(torch.square, 0.0, projection=False), True, True),
+    "taylor": ("taylor", {}, ref_taylor, False, True),  # signed features, positive kernel
+    "hedgehog": ("hedgehog", {}, ref_hedgehog, True, True),
+    "hedgehog f != d": ("hedgehog", {"num_features": 6}, ref_hedgehog, True, True),
 }
 CAUSAL_MAPS = [name for name, spec in MAPS.items() if spec[4]]
 D = 8
@@ -142,8 +169,14 @@ def make_map(map_id: str, num_features: int = 12, seed: int = 0) -> FeatureMap:
     cls = get_feature_map_class(name)
     if issubclass(cls, fm.RandomProjectionFeatureMap):
         options = {"num_features": num_features, **options}
+    if cls.per_head:
+        options = {"num_heads": 2, **options}  # qkv()'s heads
     feature_map = cls(D, **options)
     feature_map.new_feature_map(torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # learned maps: a trained-looking state, not only their identity start
+        for parameter in feature_map.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
     return feature_map
 
 
@@ -173,7 +206,7 @@ def padding_mask(batch=2, s=7):
 
 def test_registry_lists_every_map():
     expected = {"favor+", "favor++", "expplus", "hyperbolic", "relu", "generalized", "elu", "identity", "square",
-                "expmod", "rff", "smoothed_rff", "softmax_no_projection", "exact"}
+                "expmod", "rff", "smoothed_rff", "softmax_no_projection", "taylor", "hedgehog", "exact"}
     assert expected <= set(available_feature_maps())
 
 
@@ -237,6 +270,10 @@ def test_new_feature_map_is_seeded_and_changes_the_draw():
         (lambda: fm.GeneralizedFeatureMap(8, kernel_epsilon=-1.0), "kernel_epsilon"),
         (lambda: fm.RandomFourierFeatureMap(8, kernel="laplace"), "kernel"),
         (lambda: fm.SmoothedRandomFourierFeatureMap(8, smoothing=-1.0), "smoothing"),
+        (lambda: fm.HedgehogFeatureMap(8), "num_heads"),
+        (lambda: fm.HedgehogFeatureMap(8, num_heads=0), "num_heads"),
+        (lambda: fm.HedgehogFeatureMap(8, num_heads=2, num_features=7), "num_features"),
+        (lambda: fm.HedgehogFeatureMap(8, num_heads=2, num_features=0), "num_features"),
     ],
 )
 def test_invalid_options_raise_value_error_naming_the_field(build, field):
@@ -249,6 +286,10 @@ def test_unknown_options_and_bad_masks_are_rejected():
         fm.EluFeatureMap(8, num_features=4)
     with pytest.raises(TypeError, match="orthogonal"):
         fm.FavorPlusFeatureMap(8, orthogonal="yes")
+    with pytest.raises(TypeError, match="num_features"):  # its size is fixed by d
+        fm.TaylorFeatureMap(8, num_features=45)
+    with pytest.raises(TypeError, match="unexpected options"):
+        fm.HedgehogFeatureMap(8, num_heads=2, orthogonal=True)
     q, k, _ = qkv()
     with pytest.raises(ValueError, match="key_mask"):
         make_map("favor++").attention_features(q, k, key_mask=torch.ones(2, 3, dtype=torch.bool))
@@ -259,6 +300,13 @@ def test_config_names_the_field_and_the_allowed_values():
         PerformerConfig(feature_map="favour")
     with pytest.raises(ValueError, match="kernel_fn"):
         PerformerConfig(feature_map="generalized", feature_map_kwargs={"kernel_fn": "tanh"})
+    with pytest.raises(ValueError, match="num_features"):
+        PerformerConfig(feature_map="taylor", feature_map_kwargs={"num_features": 10})
+    with pytest.raises(ValueError, match="num_features"):
+        PerformerConfig(feature_map="hedgehog", feature_map_kwargs={"num_features": 7})
+    with pytest.raises(ValueError, match="num_heads"):  # the layers pass their own head count
+        PerformerConfig(feature_map="hedgehog", feature_map_kwargs={"num_heads": 3})
+    assert PerformerConfig(feature_map="hedgehog", feature_map_kwargs={"num_features": 12}).feature_map == "hedgehog"
     for name in ("favor++", "expplus"):
         with pytest.raises(ValueError, match="cannot be causal"):
             PerformerConfig(feature_map=name, causal=True)
