@@ -90,7 +90,7 @@ class LinearizeArguments:
     transfer_steps: int = field(default=200, metadata={"help": "Stage 1 (attention transfer) optimizer steps; 0 skips it."})
     transfer_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 1 learning rate."})
     distill_steps: int = field(default=300, metadata={"help": "Stage 2 steps when neither --max_steps nor "
-                               "--num_train_epochs is given; 0 skips stage 2."})
+                               "--num_train_epochs is given; 0 skips stage 2, -1 runs --num_train_epochs."})
     lm_loss_weight: float = field(default=0.0, metadata={"help": "Causal LMs: weight of the LM loss next to the KL."})
     lora_r: int = field(default=0, metadata={"help": "> 0: stage 2 trains LoRA adapters of this rank (peft) and "
                         "the feature maps instead of every weight."})
@@ -107,8 +107,9 @@ class LinearizeArguments:
             raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
         for name in ("transfer_steps", "distill_steps", "window_size", "lora_r", "eval_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            lowest = -1 if name == "distill_steps" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
         if self.nb_features is not None and (isinstance(self.nb_features, bool) or not isinstance(self.nb_features, int)
                                              or self.nb_features <= 0):
             raise ValueError(f"nb_features must be a positive int, got {self.nb_features!r}")
@@ -148,6 +149,7 @@ class LinearizeResult:
     teacher: nn.Module
     metrics: dict[str, dict[str, float]]
     curve: list[dict[str, Any]]
+    log_history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per stage, Trainer's logs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,6 +524,7 @@ def linearize(
     curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, **metrics["kernel attention, no training"]}]
     tokens_per_step = _tokens_per_step(train_dataset, training_args)
     tokens = 0
+    history: dict[str, list] = {}
 
     # -- stage 1 ---------------------------------------------------------------------------------------------------
     trainable = kernel_parameters(student)
@@ -537,6 +540,7 @@ def linearize(
         if args.eval_every:
             trainer.add_callback(QualityCurveCallback("transfer", args.eval_every, measure, tokens_per_step, curve))
         trainer.train(resume_from_checkpoint=_resume(stage_args))
+        history["transfer"] = trainer.state.log_history
         student.set_attn_implementation(ATTN_IMPLEMENTATION)
         tokens = args.transfer_steps * tokens_per_step
         metrics["+ attention transfer"] = measure()
@@ -544,12 +548,12 @@ def linearize(
         logger.warning(f"feature_map={args.feature_map!r} has no parameters to learn: attention transfer skipped")
 
     # -- stage 2 ---------------------------------------------------------------------------------------------------
-    explicit = training_args.max_steps > 0 or "--num_train_epochs" in sys.argv
-    distill_steps = training_args.max_steps if training_args.max_steps > 0 else args.distill_steps
-    if distill_steps or explicit:
+    # --max_steps wins; distill_steps=-1 (the command line sets it when --num_train_epochs is given) runs epochs
+    explicit = training_args.max_steps > 0 or args.distill_steps == -1
+    if explicit or args.distill_steps > 0:
         student.requires_grad_(True)
         trained = _with_lora(student, args) if args.lora_r else student
-        overrides = {} if explicit else {"max_steps": distill_steps}
+        overrides = {} if explicit else {"max_steps": args.distill_steps}
         stage_args = _stage_arguments(training_args, "distill", **overrides)
         trainer = DistillationTrainer(model=trained, args=stage_args, train_dataset=train_dataset,
                                       data_collator=collator, teacher=teacher, kind=kind,
@@ -558,6 +562,7 @@ def linearize(
             trainer.add_callback(QualityCurveCallback("distill", args.eval_every, measure, tokens_per_step, curve,
                                                       offset_tokens=tokens))
         trainer.train(resume_from_checkpoint=_resume(stage_args))
+        history["distill"] = trainer.state.log_history
         if args.lora_r:
             student = trained.merge_and_unload()
         metrics["+ distillation" + (" (LoRA)" if args.lora_r else "")] = measure()
@@ -566,7 +571,7 @@ def linearize(
     final = student
     if kind == "causal_lm" and args.convert_natively and converts_natively(student.config):
         final = convert_llama_to_performer(student)
-    result = LinearizeResult(final, teacher, metrics, curve)
+    result = LinearizeResult(final, teacher, metrics, curve, history)
     if output_dir:
         save_linearized(final, output_dir, tokenizer)
         _write_report(Path(output_dir), result, kind, args)
@@ -679,7 +684,11 @@ def main(argv: list[str] | None = None) -> LinearizeResult:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((LinearizeArguments, DataArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    given = {a.split("=")[0] for a in argv}
+    if "--num_train_epochs" in given and "--max_steps" not in given and "--distill_steps" not in given:
+        args.distill_steps = -1  # the user asked for epochs of stage 2
     model, tokenizer, kind = _load(args)
     args.model_kind = kind
     started = time.perf_counter()
