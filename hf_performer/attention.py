@@ -344,6 +344,12 @@ def check_hybrid_feature_map(feature_map: FeatureMap) -> None:
         )
 
 
+# Initial window_factor logit: sigmoid = 0.1, LoLCATs' released configs' init_window_factor (arXiv 2410.10254): the
+# exact window's scores exp(s - m) are <= 1 with one of them 1, a small gate keeps the many older keys' kernel scores
+# from being drowned out before training has tuned the mix.
+LOLCATS_WINDOW_FACTOR_INIT = math.log(0.1 / 0.9)
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field is ambiguous
 class HybridOptions:
     """LoLCATs' sliding window + linear attention (arXiv 2410.10254, sec. 3.2): a query attends to the keys of its
@@ -602,6 +608,7 @@ def attend(kind: str, q, k, v, key_mask, positions, state, options, documents: P
 
 __all__ = [
     "ATTENTION_KINDS",
+    "LOLCATS_WINDOW_FACTOR_INIT",
     "AttentionKind",
     "DecodingState",
     "HybridOptions",
