@@ -16,6 +16,8 @@ from hf_performer.attention import (
 )
 from hf_performer.feature_maps import EluFeatureMap, FeatureMap, build_feature_map
 
+from helpers import hybrid_attention_reference
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 POISON = 1e4  # what padded tokens' queries, keys and values are filled with: any leak shows
@@ -38,30 +40,6 @@ def elementwise_phi(feature_map):
 
 def positions_from(mask):
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def reference(q, k, v, mask, *, window, causal, phi, qk_scale, softmax_scale=None, gate=None):
-    """The formula, dense, float64: W_i = window keys, R_i = the other real keys (all by real-token position), one
-    normaliser g sum_W exp(s - m) + (1 - g) sum_R phi(q).phi(k); m the row max over W. (B, h, N, d)."""
-    q, k, v = q.double(), k.double(), v.double()
-    heads, dim = q.shape[1], q.shape[-1]
-    gate = torch.full((heads,), 0.5, dtype=torch.float64) if gate is None else gate.double()
-    gate = gate.view(1, heads, 1, 1)
-    pos = positions_from(mask)
-    distance = pos[:, None, :, None] - pos[:, None, None, :]  # (B, 1, N, N): pos_i - pos_j
-    real_key = mask[:, None, None, :]
-    if causal:
-        in_window = real_key & (distance >= 0) & (distance < window)
-        older = real_key & (distance >= window)
-    else:
-        in_window = real_key & (distance.abs() < window)
-        older = real_key & (distance.abs() >= window)
-    scores = q @ k.transpose(-1, -2) * (dim**-0.5 if softmax_scale is None else softmax_scale)
-    row_max = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
-    exact = torch.exp((scores - row_max).masked_fill(~in_window, float("-inf")))  # (B, h, N, N)
-    kernel = (phi(q * qk_scale) @ phi(k * qk_scale).transpose(-1, -2)).masked_fill(~older, 0.0)
-    weights = gate * exact + (1 - gate) * kernel
-    return (weights @ v) / weights.sum(-1, keepdim=True)
 
 
 def inputs(batch=2, heads=3, length=17, dim=4, *, pads=(0, 5), dtype=torch.float64, seed=0):
@@ -99,8 +77,9 @@ def test_equals_the_dense_reference(causal, window, implementation):
     options = options_for(PlainRelu(4), causal=causal, window=window, gate_logits=gate_logits,
                           implementation=implementation)
     out, state = attend("hybrid", q, k, v, mask, positions_from(mask), None, options)
-    expected = reference(q, k, v, mask, window=window, causal=causal, phi=elementwise_phi(PlainRelu(4)),
-                         qk_scale=0.7, gate=torch.sigmoid(gate_logits))
+    expected = hybrid_attention_reference(q, k, v, mask, window=window, causal=causal,
+                                          phi=elementwise_phi(PlainRelu(4)), qk_scale=0.7,
+                                          gate=torch.sigmoid(gate_logits))
     assert state is None and out.dtype == torch.float64
     assert_real_close(out, expected, mask, rtol=1e-10, atol=1e-10)
 
@@ -111,7 +90,8 @@ def test_float32_with_a_registered_map_and_the_default_gate(causal):
     feature_map = EluFeatureMap(4)
     out, _ = attend("hybrid", q, k, v, mask, positions_from(mask), None,
                     options_for(feature_map, causal=causal, window=6))
-    expected = reference(q, k, v, mask, window=6, causal=causal, phi=elementwise_phi(feature_map), qk_scale=0.7)
+    expected = hybrid_attention_reference(q, k, v, mask, window=6, causal=causal, phi=elementwise_phi(feature_map),
+                                          qk_scale=0.7)
     assert out.dtype == torch.float32
     assert_real_close(out, expected, mask, rtol=1e-5, atol=1e-5)
 
@@ -156,8 +136,9 @@ def test_gradients_equal_the_references():
                     options_for(feature_map, causal=True, window=5, gate_logits=leaves[3]))
     got = torch.autograd.grad((out * weight).sum(), leaves)
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, logits)]
-    expected = reference(*ref_leaves[:3], mask, window=5, causal=True, phi=elementwise_phi(feature_map),
-                         qk_scale=0.7, gate=torch.sigmoid(ref_leaves[3]))
+    expected = hybrid_attention_reference(*ref_leaves[:3], mask, window=5, causal=True,
+                                          phi=elementwise_phi(feature_map), qk_scale=0.7,
+                                          gate=torch.sigmoid(ref_leaves[3]))
     wanted = torch.autograd.grad((expected.masked_fill(~mask[:, None, :, None], 0.0) * weight.double()).sum(),
                                  ref_leaves)
     for name, a, b in zip("qkvg", got, wanted):
@@ -177,8 +158,9 @@ def test_packed_documents_attend_each_document_alone(causal):
     start = 0
     for n in lengths:
         piece = slice(start, start + n)
-        alone = reference(q[:, :, piece], k[:, :, piece], v[:, :, piece], torch.ones(1, n, dtype=torch.bool),
-                          window=3, causal=causal, phi=elementwise_phi(PlainRelu(4)), qk_scale=0.7)
+        alone = hybrid_attention_reference(q[:, :, piece], k[:, :, piece], v[:, :, piece],
+                                           torch.ones(1, n, dtype=torch.bool), window=3, causal=causal,
+                                           phi=elementwise_phi(PlainRelu(4)), qk_scale=0.7)
         torch.testing.assert_close(out[:, :, piece], alone, rtol=1e-10, atol=1e-10)
         start += n
 
