@@ -135,9 +135,10 @@ def sliding_window_sums(
     add other scores to the same normaliser (LoLCATs, arXiv 2410.10254 sec. 3.2): sum_j exp(s_ij - m_i) v_j
     (B, H, N, d) and sum_j exp(s_ij - m_i) (B, H, N) over each query's window, in float32 (float64 for float64
     inputs), with m_i the row maximum over the window (kept in the graph: the result depends on it). A query that
-    sees no key gets 0 and 0. Queries go in blocks of at most N, so a window longer than the input costs O(N^2)."""
+    sees no key gets 0 and 0. Windows are cut to the S keys, so a window longer than the input costs O(N S)."""
     length = q.shape[-2]
     ct = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    window = min(window, k.shape[-2])  # every key is closer than S: a longer window reaches no further
     scores, allowed, vw = _banded_scores(q, k, v.to(ct), window=window, causal=causal, q_positions=q_positions,
                                          k_positions=k_positions, key_mask=key_mask, scale=scale, blocked=False,
                                          block=max(1, min(window, length)))
