@@ -302,12 +302,12 @@ def elu_phi(x):
     return torch.nn.functional.elu(x) + 1.0
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
-def test_a_window_longer_than_the_input_gives_the_softmax_model_back(name):
+@pytest.mark.parametrize("name, feature_map", [("llama", "elu"), ("bert", "elu"), ("llama", "hedgehog")])
+def test_a_window_longer_than_the_input_gives_the_softmax_model_back(name, feature_map):
     """With every key in the window the hybrid kind is exact softmax, whatever the mix: the host's sdpa model is
     the reference."""
     reference = softmax_model(name)
-    model = hybrid_copy(reference, 64)
+    model = performer_copy(reference, feature_map=feature_map, window_size=64)
     ids, mask = batch(MODELS[name][2])
     real = mask.bool()
     with torch.no_grad():
@@ -337,8 +337,9 @@ def test_hybrid_function_equals_the_dense_reference(causal, q_len, kv_len):
     torch.testing.assert_close(out.transpose(1, 2)[real].double(), expected[real], rtol=1e-5, atol=1e-5)
 
 
-def test_hybrid_generate_with_dynamic_cache_matches_no_cache():
-    model = hybrid_copy(softmax_model("llama"), 4)
+@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+def test_hybrid_generate_with_dynamic_cache_matches_no_cache(feature_map):
+    model = performer_copy(softmax_model("llama"), feature_map=feature_map, window_size=4)
     prompt, mask = batch(True)
     prompt, mask = prompt[:, :10], mask[:, :10]
     for beams in (1, 2):

@@ -263,9 +263,10 @@ def left_padded(rows=3, width=11, pads=(0, 4, 7), seed=0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("window", [1, 4, 40])
-def test_hybrid_chunked_prefill_and_single_steps_equal_the_full_forward(window):
-    model = seeded_lm(seed=20, feature_map="relu", hybrid_window_size=window, local_attn_heads=1)
+@pytest.mark.parametrize("feature_map, window", [("relu", 1), ("relu", 4), ("relu", 40), ("hedgehog", 4),
+                                                 ("taylor", 3)])
+def test_hybrid_chunked_prefill_and_single_steps_equal_the_full_forward(feature_map, window):
+    model = seeded_lm(seed=20, feature_map=feature_map, hybrid_window_size=window, local_attn_heads=1)
     ids, mask = left_padded(width=21, pads=(0, 6, 13))
     full = model(ids, attention_mask=mask, use_cache=False).logits
     cache, pieces = None, []
