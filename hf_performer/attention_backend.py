@@ -24,7 +24,7 @@ AutoModel.from_pretrained(path, config=config, attn_implementation="performer")`
                                       one normaliser mixed by a learned per-head ``window_factor`` (a parameter of
                                       ``performer_kernel``, saved with the model; a checkpoint without it starts
                                       at sigmoid = 0.1). Needs a map from ``attention.hybrid_feature_maps()``
-                                      (relu, elu, ...). Self-attention only: cross-attention stays plain kernel
+                                      (hedgehog, taylor, relu, elu, ...). Self-attention only: cross-attention stays plain kernel
                                       attention. Default 0: plain kernel attention.
 
 Trainable maps (``"hedgehog"``, for linearising a pretrained model as in LoLCATs) keep their parameters in the same
