@@ -12,6 +12,7 @@
 
 Kinds: ``kernel`` (every feature map; chunked / quadratic / Triton underneath), ``softmax`` (exact), ``local``
 (sliding-window softmax heads), ``windowed_kernel`` and ``begin_kernel`` (TF KernelAttention's causal variants),
+``hybrid`` (LoLCATs: exact softmax over a sliding window plus kernel scores for every older key, one normaliser),
 ``cross_kernel`` / ``cross_softmax`` (decoder over encoder states). ``attend`` runs one, with autocast off, and on
 packed documents (``PackedDocuments``) runs it on each document alone.
 
@@ -29,9 +30,18 @@ from typing import Callable
 
 import torch
 
-from .feature_maps import FeatureMap
-from .local_ops import masked_softmax_attention, sliding_window_attention, window_reach, windowed_kernel_attention
+import torch.nn.functional as F
+
+from .feature_maps import FEATURE_MAPS, FeatureMap
+from .local_ops import (
+    masked_softmax_attention,
+    sliding_window_attention,
+    sliding_window_sums,
+    window_reach,
+    windowed_kernel_attention,
+)
 from .ops import causal_exp_attention, causal_linear_attention, kernel_sums, linear_attention, linear_attention_output
+from .ops_common import _safe
 
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding states: batch-first tensors, so beam search can reorder them all the same way
@@ -95,6 +105,15 @@ class BeginKernelState(DecodingState):
 
     inner: DecodingState | None = None
     exact: WindowState = dataclasses.field(default_factory=WindowState)
+
+
+@dataclass
+class HybridState(DecodingState):
+    """``hybrid``: the last ``window - 1`` raw keys / values (the next query's exact window) and the kernel sums of
+    every token that has left it. Constant size."""
+
+    kernel: KernelState = dataclasses.field(default_factory=KernelState)
+    window: WindowState = dataclasses.field(default_factory=WindowState)
 
 
 def _with_window(state: WindowState | None, keep: int | None, k, v, key_mask, positions):
@@ -294,6 +313,156 @@ def begin_kernel(q, k, v, key_mask, positions, state: BeginKernelState | None, o
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# LoLCATs hybrid: exact softmax over a sliding window, kernel scores for the older keys, one normaliser
+# ----------------------------------------------------------------------------------------------------------------
+
+# What a map may override and still hand over plain features: these are where maps drop per-token factors
+# (exponential maps, random Fourier features) or take sequence statistics (favor++, softmax_no_projection).
+_SCALED_FEATURE_METHODS = ("query_features", "key_features", "attention_features", "kernel_features")
+
+
+def _plain_feature_class(cls: type) -> bool:
+    return not cls.exponential and all(getattr(cls, name) is getattr(FeatureMap, name)
+                                       for name in _SCALED_FEATURE_METHODS)
+
+
+def hybrid_feature_maps() -> list[str]:
+    """Registered feature maps the ``hybrid`` kind accepts (``generalized`` only with a kernel_fn other than exp)."""
+    return sorted(name for name, cls in FEATURE_MAPS.items() if _plain_feature_class(cls))
+
+
+def check_hybrid_feature_map(feature_map: FeatureMap) -> None:
+    """ValueError unless the map's features are plain per-token values: ``forward_queries`` / ``forward_keys`` give
+    phi(q), phi(k) themselves. Exponential maps (favor+, ...) and random Fourier features hand attention features
+    divided by per-token factors, which cancel in a kernel-only normaliser but not against exact window scores."""
+    if not _plain_feature_class(type(feature_map)) or feature_map.exponential:
+        raise ValueError(
+            f"hybrid attention (a sliding window of exact softmax plus kernel attention) needs a feature map with "
+            f"plain per-token features, one of {hybrid_feature_maps()} (generalized with kernel_fn != 'exp'); "
+            f"{type(feature_map).__name__} is exponential or scales its features per token (favor+-like and Fourier "
+            "maps), and those factors do not cancel against the exact window scores"
+        )
+
+
+# Initial window_factor logit: sigmoid = 0.1, LoLCATs' released configs' init_window_factor (arXiv 2410.10254): the
+# exact window's scores exp(s - m) are <= 1 with one of them 1, a small gate keeps the many older keys' kernel scores
+# from being drowned out before training has tuned the mix.
+LOLCATS_WINDOW_FACTOR_INIT = math.log(0.1 / 0.9)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field is ambiguous
+class HybridOptions:
+    """LoLCATs' sliding window + linear attention (arXiv 2410.10254, sec. 3.2): a query attends to the keys of its
+    ``window`` (causal: itself and the window - 1 before; bidirectional: |i - j| < window) with exact scores
+    exp(q . k * softmax_scale - m) (softmax_scale None: d ** -0.5, m the row max over the window) and to every other
+    key with kernel scores phi(q) . phi(k) (``kernel``: its feature map, qk_scale, chunking), weighted g and 1 - g in
+    one normaliser. g = sigmoid(window_factor) per head: ``window_factor`` (h,) logits, a parameter of the module
+    that owns it (None: g = 0.5)."""
+
+    kernel: KernelOptions
+    window: int
+    softmax_scale: float | None = None
+    window_factor: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.kernel, KernelOptions):
+            raise ValueError(f"HybridOptions.kernel must be KernelOptions, got {type(self.kernel).__name__}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"HybridOptions.window must be a positive int, got {self.window!r}")
+        scale = self.softmax_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"HybridOptions.softmax_scale must be None or a finite number > 0, got {scale!r}")
+        factor = self.window_factor
+        if factor is not None and (not isinstance(factor, torch.Tensor) or factor.dim() != 1):
+            raise ValueError("HybridOptions.window_factor must be None or a 1-D tensor of per-head logits, got "
+                             f"{factor if not isinstance(factor, torch.Tensor) else tuple(factor.shape)!r}")
+        if self.kernel.scale_by_length:
+            raise ValueError("HybridOptions.kernel.scale_by_length is not supported by hybrid attention (the window "
+                             "scores have their own softmax_scale)")
+        check_hybrid_feature_map(self.kernel.feature_map)
+
+
+def _kernel_sums_before_window(q_features, k_features, v, key_mask, window: int, kv0, kernel: KernelOptions):
+    """Un-normalised kernel attention of the N queries (the last N of the S keys) over the keys at least
+    ``window`` tokens before them, plus the sums ``kv0`` (B, h, m, d + 1) of even older tokens (or None):
+    numerator (B, h, N, d) and normaliser (B, h, N), in float32 (float64 for float64 inputs).
+
+    Real tokens are contiguous in a row (left or right padding), so "window positions back" is "window indices
+    back": query t sees the keys up to index t - window, which is causal kernel attention over the keys shifted
+    ``window`` places to the right. That runs through ``ops.causal_linear_attention`` (chunked, its own backward,
+    O(N m d)); its output comes normalised, so the normaliser is recomputed as phi(q_t) . (prefix sum of the shifted
+    key features) (O(N m)) and multiplies it back."""
+    queries, keys = q_features.shape[2], k_features.shape[2]
+    ct = q_features.dtype
+    v = v.to(ct)
+    offset = keys - queries - window  # shifted key t = key t + offset
+    if offset > 0:  # a cached prefix longer than the window: keys every query sees go into the sums
+        seen = kernel_sums(k_features[:, :, :offset], v[:, :, :offset], key_mask=key_mask[:, :offset])
+        kv0 = seen if kv0 is None else kv0 + seen
+    first, stop = max(0, offset), max(0, queries + offset)
+    pad = queries - (stop - first)  # queries whose older-than-window keys start before these keys
+    shifted_k = F.pad(k_features[:, :, first:stop], (0, 0, pad, 0))  # (B, h, N, m)
+    shifted_v = F.pad(v[:, :, first:stop], (0, 0, pad, 0))  # (B, h, N, d)
+    shifted_mask = F.pad(key_mask[:, first:stop], (pad, 0), value=False)  # (B, N)
+    initial = None if kv0 is None else (kv0.to(ct), None)
+    out, _ = causal_linear_attention(q_features, shifted_k, shifted_v, key_mask=shifted_mask, initial_state=initial,
+                                     chunk_size=kernel.chunk_size, implementation=kernel.implementation)
+    key_sums = (shifted_k * shifted_mask[:, None, :, None].to(ct)).cumsum(dim=2)  # (B, h, N, m)
+    if kv0 is not None:
+        key_sums = key_sums + kv0[..., -1].to(ct).unsqueeze(2)
+    normaliser = (q_features * key_sums).sum(-1)  # (B, h, N)
+    return out.to(ct) * normaliser.unsqueeze(-1), normaliser
+
+
+def hybrid_attention(q, k, v, key_mask, positions, state: HybridState | None, options: HybridOptions):
+    """out_i = [g sum_{W_i} exp(s_ij - m_i) v_j + (1 - g) sum_{R_i} phi(q_i).phi(k_j) v_j] / [same with v_j = 1],
+    W_i the window, R_i the older keys (bidirectional: the keys outside the window on both sides), at
+    O(N (window + m d)); no N x N tensor. Decoding keeps the last window - 1 raw keys and folds the tokens that
+    leave the window into constant-size kernel sums (``HybridState``)."""
+    kernel, window, heads = options.kernel, options.window, q.shape[1]
+    if state is not None and not kernel.causal:
+        raise ValueError("bidirectional hybrid attention cannot be decoded with a state")
+    factor = options.window_factor
+    if factor is not None and factor.shape[0] != heads:
+        raise ValueError(f"HybridOptions.window_factor has {factor.shape[0]} entries for {heads} heads")
+    real = _real(key_mask, q)
+    keys, values, mask, key_positions, window_state = _with_window(state and state.window, window - 1, k, v, real,
+                                                                   positions)
+    window_numerator, window_normaliser = sliding_window_sums(
+        q, keys, values, window=window, causal=kernel.causal, q_positions=positions, k_positions=key_positions,
+        key_mask=mask, scale=options.softmax_scale,
+    )  # (B, h, N, d), (B, h, N)
+    ct = window_numerator.dtype
+    # plain per-token features (check_hybrid_feature_map): forward_* are phi itself, in the compute dtype
+    feature_map = kernel.feature_map
+    q_features = feature_map.forward_queries((q * kernel.qk_scale).to(ct)).to(ct)  # (B, h, N, m)
+    k_features = feature_map.forward_keys((keys * kernel.qk_scale).to(ct)).to(ct)  # (B, h, S, m)
+    kv0 = state.kernel.kv if state is not None else None
+    numerator, normaliser = _kernel_sums_before_window(q_features, k_features, values, mask, window, kv0, kernel)
+    if not kernel.causal:  # the keys at least `window` after: the same sums on the reversed sequence
+        flip = lambda x: x.flip(2)  # noqa: E731
+        after_numerator, after_normaliser = _kernel_sums_before_window(
+            flip(q_features), flip(k_features), flip(values), mask.flip(1), window, None, kernel)
+        numerator, normaliser = numerator + flip(after_numerator), normaliser + flip(after_normaliser)
+    if factor is None:
+        gate = torch.full((1, heads, 1), 0.5, dtype=ct, device=q.device)
+    else:
+        gate = torch.sigmoid(factor.to(device=q.device, dtype=ct)).view(1, heads, 1)  # (1, h, 1)
+    total = gate * window_normaliser + (1 - gate) * normaliser  # (B, h, N): >= g for a real query (its own key)
+    out = (gate.unsqueeze(-1) * window_numerator + (1 - gate).unsqueeze(-1) * numerator) / _safe(total).unsqueeze(-1)
+    new_state = None
+    if state is not None:
+        leaving = keys.shape[2] - (window - 1)  # the tokens the new window no longer holds
+        kv = state.kernel.kv
+        if leaving > 0:
+            folded = kernel_sums(k_features[:, :, :leaving], values[:, :, :leaving], key_mask=mask[:, :leaving])
+            kv = folded if kv is None else kv + folded
+        new_state = HybridState(KernelState(kv), window_state)
+    return out.to(v.dtype), new_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Cross-attention: decoder queries against encoder states
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -414,6 +583,7 @@ ATTENTION_KINDS: dict[str, AttentionKind] = {
     "local": AttentionKind(local_attention, LocalOptions, WindowState),
     "windowed_kernel": AttentionKind(windowed_kernel, WindowedKernelOptions, WindowState),
     "begin_kernel": AttentionKind(begin_kernel, BeginKernelOptions, BeginKernelState),
+    "hybrid": AttentionKind(hybrid_attention, HybridOptions, HybridState),
     "cross_kernel": AttentionKind(cross_attention, KernelOptions, KernelState),
     "cross_softmax": AttentionKind(cross_attention, SoftmaxOptions, WindowState),
 }
@@ -438,8 +608,11 @@ def attend(kind: str, q, k, v, key_mask, positions, state, options, documents: P
 
 __all__ = [
     "ATTENTION_KINDS",
+    "LOLCATS_WINDOW_FACTOR_INIT",
     "AttentionKind",
     "DecodingState",
+    "HybridOptions",
+    "HybridState",
     "BeginKernelOptions",
     "BeginKernelState",
     "KernelOptions",
@@ -451,7 +624,10 @@ __all__ = [
     "WindowedKernelOptions",
     "attend",
     "begin_kernel",
+    "check_hybrid_feature_map",
     "cross_attention",
+    "hybrid_attention",
+    "hybrid_feature_maps",
     "kernel_attention",
     "local_attention",
     "softmax_attention",

@@ -18,6 +18,14 @@ AutoModel.from_pretrained(path, config=config, attn_implementation="performer")`
     ``performer_feature_seed``        seed of the random projections; default 0. Layer ``i`` uses
                                       ``feature_seed(seed, i, stream)`` (``stream`` 1 for cross-attention).
     ``performer_chunk_size``          chunk length of the causal algorithm; default 64.
+    ``performer_window_size``         w > 0: LoLCATs' hybrid attention (arXiv 2410.10254, sec. 3.2), the kind to
+                                      linearize a pretrained model with: exact softmax (the host's own scaling)
+                                      over a sliding window of w tokens plus kernel scores for every older key, in
+                                      one normaliser mixed by a learned per-head ``window_factor`` (a parameter of
+                                      ``performer_kernel``, saved with the model; a checkpoint without it starts
+                                      at sigmoid = 0.1). Needs a map from ``attention.hybrid_feature_maps()``
+                                      (hedgehog, taylor, relu, elu, ...). Self-attention only: cross-attention stays plain kernel
+                                      attention. Default 0: plain kernel attention.
 
 Trainable maps (``"hedgehog"``, for linearising a pretrained model as in LoLCATs) keep their parameters in the same
 submodule: they are trained, saved and reloaded with the model, and a checkpoint without them starts them at the
@@ -67,7 +75,16 @@ from .feature_maps import (
     default_num_features,
     feature_seed,
 )
-from .attention import KernelOptions, attend
+from .attention import (
+    LOLCATS_WINDOW_FACTOR_INIT,
+    HybridOptions,
+    HybridState,
+    KernelOptions,
+    WindowState,
+    attend,
+    check_hybrid_feature_map,
+    hybrid_feature_maps,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -90,7 +107,8 @@ def _config_value(config, key: str, default):
 
 
 class PerformerKernel(nn.Module):
-    """Holds one attention module's feature map (its random projection is a persistent buffer).
+    """Holds one attention module's feature map (its random projection is a persistent buffer) and, with
+    ``performer_window_size``, the hybrid kind's per-head ``window_factor`` logits (a parameter).
 
     The projection is a function of the seed, so a kernel whose buffer was not in the loaded checkpoint can be
     redrawn identically. transformers marks loaded tensors with ``_is_hf_initialized`` and, after loading, sets
@@ -98,16 +116,24 @@ class PerformerKernel(nn.Module):
     draw the projections the checkpoint did not provide (the same contract as ``transformers.initialization``).
     """
 
-    def __init__(self, feature_map: FeatureMap, seed: int):
+    def __init__(self, feature_map: FeatureMap, seed: int, window: int = 0, num_heads: int | None = None):
         super().__init__()
         self.feature_map = feature_map  # built with ``seed``: its projection is drawn from it already
         self.seed = seed
+        self.window = window
         projection = getattr(feature_map, "projection", None)
         if projection is not None and not projection.is_meta:
             projection._is_hf_initialized = True  # the host's weight init must not draw it again
         for parameter in feature_map.parameters():  # learned maps (hedgehog) start at their own init, not normal_
             if not parameter.is_meta:
                 parameter._is_hf_initialized = True
+        self.window_factor = None
+        if window > 0:
+            if num_heads is None:
+                raise ValueError("performer_window_size needs the number of attention heads")
+            self.window_factor = nn.Parameter(torch.full((num_heads,), LOLCATS_WINDOW_FACTOR_INIT))
+            if not self.window_factor.is_meta:
+                self.window_factor._is_hf_initialized = True
 
     @torch.no_grad()
     def draw(self, seed: int | None = None) -> None:
@@ -130,10 +156,15 @@ class PerformerKernel(nn.Module):
                 self.draw()  # missing from the checkpoint: the memory is uninitialised
         if value:  # learned parameters the checkpoint lacks (a softmax checkpoint): the map's initial values
             self.feature_map.reset_learned_parameters(missing_only=True)
+        factor = self.window_factor
+        if value and factor is not None and not factor.is_meta and not getattr(factor, "_is_hf_initialized", False):
+            with torch.no_grad():  # missing from the checkpoint (e.g. a softmax one): the init value
+                factor.fill_(LOLCATS_WINDOW_FACTOR_INIT)
+            factor._is_hf_initialized = True
         self.__dict__["_performer_initialized"] = bool(value)
 
     def extra_repr(self) -> str:
-        return f"seed={self.seed}"
+        return f"seed={self.seed}" + (f", window={self.window}" if self.window else "")
 
 
 def _head_dim(module: nn.Module, config) -> int | None:
@@ -169,7 +200,16 @@ def build_kernel(module: nn.Module, config, head_dim: int) -> PerformerKernel:
     num_heads = _num_query_heads(module, config) if FEATURE_MAPS[name].per_head else None
     feature_map = build_feature_map(name, head_dim, num_features=nb_features, seed=seed, num_heads=num_heads,
                                     options=_config_value(config, "performer_feature_map_kwargs", {}))
-    return PerformerKernel(feature_map, seed)
+    window = _config_value(config, "performer_window_size", 0)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"performer_window_size must be an int >= 0, got {window!r}")
+    if window > 0:
+        try:
+            check_hybrid_feature_map(feature_map)
+        except ValueError as error:
+            raise ValueError(f"performer_window_size={window} needs performer_feature_map in "
+                             f"{hybrid_feature_maps()}, got {name!r}: {error}") from None
+    return PerformerKernel(feature_map, seed, window, _num_query_heads(module, config) if window > 0 else None)
 
 
 def _num_query_heads(module: nn.Module, config) -> int | None:
@@ -235,6 +275,7 @@ def prepare_model_for_performer_attention(
     feature_seed: int | None = None,
     feature_map_kwargs: dict | None = None,
     chunk_size: int | None = None,
+    window_size: int | None = None,
 ) -> nn.Module:
     """Switch a loaded transformers model to kernel attention in place, and return it.
 
@@ -244,7 +285,7 @@ def prepare_model_for_performer_attention(
     """
     options = {"performer_feature_map": feature_map, "performer_nb_features": nb_features,
                "performer_feature_seed": feature_seed, "performer_feature_map_kwargs": feature_map_kwargs,
-               "performer_chunk_size": chunk_size}
+               "performer_chunk_size": chunk_size, "performer_window_size": window_size}
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")}
     for config in configs.values():  # sub-models (e.g. a vision tower) have configs of their own
         for key, value in options.items():
@@ -396,6 +437,11 @@ def performer_attention_forward(
     if groups > 1:  # GQA: every query head gets its key head (maps such as favor++ pair q and k statistics)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     chunk = int(_config_value(getattr(module, "config", None), "performer_chunk_size", DEFAULT_CHUNK_SIZE))
+    if kernel.window > 0 and (causal or q_len == kv_used):  # self-attention; cross-attention stays plain kernel
+        out = _hybrid_forward(kernel, query, key, value, key_mask, causal, root_scale**2, chunk)
+        if dropout > 0.0:
+            out = nn.functional.dropout(out, p=dropout, training=module.training)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, N, H, d)
     # a single causal query at the end sees every key: the non-causal sum is the same and cheaper
     options = KernelOptions(feature_map, causal=causal and q_len > 1, qk_scale=root_scale, chunk_size=chunk,
                             queries_are_keys=q_len == kv_used)
@@ -407,6 +453,27 @@ def performer_attention_forward(
     if dropout > 0.0:
         out = nn.functional.dropout(out, p=dropout, training=module.training)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None  # (B, N, H, d)
+
+
+def _hybrid_forward(kernel: PerformerKernel, query, key, value, key_mask, causal: bool, scaling: float, chunk: int):
+    """The ``hybrid`` kind over the host's keys: the cached ones (the first S - N) go in as the window state of an
+    empty decoding state, so the N queries see exactly what a full pass would show them (O(S) per decoded token,
+    as the plain kernel path). Positions count real tokens from the key mask, so left padding moves no window."""
+    batch, heads, q_len, _ = query.shape
+    total = key.shape[2]
+    real = key_mask if key_mask is not None else torch.ones(batch, total, dtype=torch.bool, device=key.device)
+    positions = (real.long().cumsum(-1) - 1).clamp_min(0)  # (B, S)
+    options = HybridOptions(KernelOptions(kernel.feature_map, causal=causal, qk_scale=math.sqrt(scaling),
+                                          chunk_size=chunk), window=kernel.window, softmax_scale=scaling,
+                            window_factor=kernel.window_factor)
+    cached = total - q_len
+    state = None
+    if cached > 0:
+        state = HybridState(window=WindowState(key[:, :, :cached], value[:, :, :cached], positions[:, :cached],
+                                               real[:, :cached]))
+    out, _ = attend("hybrid", query, key[:, :, cached:], value[:, :, cached:], real[:, cached:],
+                    positions[:, cached:], state, options)
+    return out  # (B, H, N, d)
 
 
 # ----------------------------------------------------------------------------------------------------------------

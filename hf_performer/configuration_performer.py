@@ -225,6 +225,11 @@ class PerformerConfig(PreTrainedConfig):
             windowed causal kernel attention: chunks of ``causal_chunk_length`` tokens attend to the last
             ``causal_window_length`` chunks, weighted by ``decay ** distance``; with chunk length 1 it streams
             token by token through the cache. ``causal_padding='left'`` aligns chunks to the end of the sequence.
+        hybrid_window_size: w > 0 makes the global heads LoLCATs' hybrid attention (arXiv 2410.10254, sec. 3.2):
+            exact softmax over a sliding window of w tokens plus kernel scores for every older key, in one
+            normaliser weighted by a learned per-head ``window_factor`` (decoding keeps w - 1 keys and the kernel
+            sums: constant memory). Needs a feature map with plain per-token features (``attention.
+            hybrid_feature_maps()``: relu, elu, ...); not with begin_kernel, use_causal_windowed, scale_by_length.
 
     Positions:
         position_embedding_type: ``rotary`` (default, as the Performer reference), ``absolute`` (learned),
@@ -302,6 +307,7 @@ class PerformerConfig(PreTrainedConfig):
     causal_window_length: int = _field(3, _POSITIVE)
     causal_window_decay: int | float | None = _field(None, _number(0, 1, low_open=True))
     causal_padding: str | None = _field(None, _one_of((None, "left", "right")))
+    hybrid_window_size: int = _field(0, _NON_NEGATIVE)
 
     position_embedding_type: str = _field("rotary", _one_of(POSITION_EMBEDDING_TYPES))
     sinusoidal_position_embedding: bool = False
@@ -447,6 +453,28 @@ class PerformerConfig(PreTrainedConfig):
                              f"feature_map={self.feature_map!r}: {error}") from error
         except (RuntimeError, NotImplementedError):
             pass  # a custom map that cannot be built on meta: its options are checked when the model is built
+
+    def validate_hybrid_window(self):
+        if not self.hybrid_window_size:
+            return
+        combined = [name for name in ("begin_kernel", "use_causal_windowed", "scale_by_length") if getattr(self, name)]
+        if combined:
+            raise ValueError(f"hybrid_window_size={self.hybrid_window_size} cannot be combined with {combined}: "
+                             "the hybrid kind has its own exact window")
+        from .attention import check_hybrid_feature_map, hybrid_feature_maps
+
+        if self.feature_map == EXACT or self.feature_map not in hybrid_feature_maps():
+            raise ValueError(f"hybrid_window_size needs feature_map in {hybrid_feature_maps()} (plain per-token "
+                             f"features), got {self.feature_map!r}")
+        try:  # the instance decides (generalized with kernel_fn='exp' is exponential); meta: nothing is drawn
+            with torch.device("meta"):
+                feature_map = FEATURE_MAPS[self.feature_map](self.head_dim, **self.feature_map_options())
+        except (TypeError, ValueError, RuntimeError, NotImplementedError):
+            return  # validate_feature_map reports bad options
+        try:
+            check_hybrid_feature_map(feature_map)
+        except ValueError as error:
+            raise ValueError(f"hybrid_window_size with feature_map={self.feature_map!r}: {error}") from None
 
     def validate_rope(self):
         """transformers' RoPE validation (required keys of each rope_type), made strict: what it only logs about

@@ -33,6 +33,7 @@ class PerformerDecodeStep(nn.Module):
             ("shift_tokens", config.shift_tokens),
             ("use_causal_windowed", config.use_causal_windowed),
             ("begin_kernel", config.begin_kernel > 0),
+            ("hybrid_window_size", getattr(config, "hybrid_window_size", 0) > 0),
             ("add_cross_attention", config.add_cross_attention),
         ) if bad]
         if reasons or not config.causal:

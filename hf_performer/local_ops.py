@@ -57,6 +57,37 @@ def window_reach(window: int, blocked: bool) -> int:
     return 2 * window - 1 if blocked else window - 1
 
 
+def _banded_scores(q, k, v, *, window, causal, q_positions, k_positions, key_mask, scale, blocked, block=None):
+    """The banded layout of ``sliding_window_attention``: float32 scores (B, H, n, b, W) with -inf outside each
+    query's window, which keys are allowed, and the windows' values (B, H, n, W, d). Queries go in blocks of
+    ``block`` (default ``window``; sliding windows take any block, blocked ones need ``window``)."""
+    batch, heads, length, dim = q.shape
+    keys = k.shape[-2]
+    scale = dim**-0.5 if scale is None else scale
+    if key_mask is None:
+        key_mask = torch.ones(batch, keys, dtype=torch.bool, device=q.device)
+    reach = window_reach(window, blocked)
+    back, forward = reach, (0 if causal else reach)
+    block = window if block is None else block
+    start, size, count = _window_layout(length, keys, block, back, forward)
+    qb = _blocks(q, block, count)  # (B, H, n, b, d)
+    kw = gather_windows(k, start, block, size, count)  # (B, H, n, W, d)
+    vw = gather_windows(v, start, block, size, count)  # (B, H, n, W, d)
+    q_pos, k_pos, valid = _gather_side(q_positions, k_positions, key_mask, block, start, size, count)
+    distance = q_pos - k_pos  # (B, 1, n, b, W)
+    if blocked:
+        gap = torch.div(q_pos, window, rounding_mode="floor") - torch.div(k_pos, window, rounding_mode="floor")
+        allowed = valid & ((gap == 0) | (gap == 1) | ((gap == -1) & (not causal)))
+    else:
+        allowed = valid & (distance.abs() < window)
+    if causal:
+        allowed = allowed & (distance >= 0)
+    # float32 at least (float64 stays float64, for gradcheck)
+    scores = (qb @ kw.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale  # (B, H, n, b, W)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores, allowed, vw
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,32 +110,45 @@ def sliding_window_attention(
     q (B, H, N, d); k, v (B, H, S, d) with S >= N (a cached prefix first); positions (B, N) and (B, S);
     key_mask (B, S) bool. A query that sees no key outputs 0.
     """
-    batch, heads, length, dim = q.shape
-    keys = k.shape[-2]
-    scale = dim**-0.5 if scale is None else scale
-    if key_mask is None:
-        key_mask = torch.ones(batch, keys, dtype=torch.bool, device=q.device)
-    reach = window_reach(window, blocked)
-    back, forward = reach, (0 if causal else reach)
-    start, size, count = _window_layout(length, keys, window, back, forward)
-    qb = _blocks(q, window, count)  # (B, H, n, w, d)
-    kw = gather_windows(k, start, window, size, count)  # (B, H, n, W, d)
-    vw = gather_windows(v, start, window, size, count)  # (B, H, n, W, d)
-    q_pos, k_pos, valid = _gather_side(q_positions, k_positions, key_mask, window, start, size, count)
-    distance = q_pos - k_pos  # (B, 1, n, w, W)
-    if blocked:
-        gap = torch.div(q_pos, window, rounding_mode="floor") - torch.div(k_pos, window, rounding_mode="floor")
-        allowed = valid & ((gap == 0) | (gap == 1) | ((gap == -1) & (not causal)))
-    else:
-        allowed = valid & (distance.abs() < window)
-    if causal:
-        allowed = allowed & (distance >= 0)
-    scores = (qb @ kw.transpose(-1, -2)).float() * scale  # (B, H, n, w, W)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    length = q.shape[-2]
+    scores, allowed, vw = _banded_scores(q, k, v, window=window, causal=causal, q_positions=q_positions,
+                                         k_positions=k_positions, key_mask=key_mask, scale=scale, blocked=blocked)
     has_key = allowed.any(-1, keepdim=True)
     weights = torch.where(has_key, scores, torch.zeros_like(scores)).softmax(-1) * has_key
     out = weights.to(vw.dtype) @ vw  # (B, H, n, w, d)
     return out.flatten(2, 3)[:, :, :length]
+
+
+def sliding_window_sums(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    causal: bool,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The un-normalised pieces of ``sliding_window_attention`` (sliding windows, arguments as there), for kinds that
+    add other scores to the same normaliser (LoLCATs, arXiv 2410.10254 sec. 3.2): sum_j exp(s_ij - m_i) v_j
+    (B, H, N, d) and sum_j exp(s_ij - m_i) (B, H, N) over each query's window, in float32 (float64 for float64
+    inputs), with m_i the row maximum over the window (kept in the graph: the result depends on it). A query that
+    sees no key gets 0 and 0. Windows are cut to the S keys, so a window longer than the input costs O(N S)."""
+    length = q.shape[-2]
+    ct = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    window = min(window, k.shape[-2])  # every key is closer than S: a longer window reaches no further
+    scores, allowed, vw = _banded_scores(q, k, v.to(ct), window=window, causal=causal, q_positions=q_positions,
+                                         k_positions=k_positions, key_mask=key_mask, scale=scale, blocked=False,
+                                         block=max(1, min(window, length)))
+    scores = scores.to(ct)  # (B, H, n, b, W)
+    has_key = allowed.any(-1, keepdim=True)
+    row_max = torch.where(has_key, scores, torch.zeros_like(scores)).amax(-1, keepdim=True)  # (B, H, n, b, 1)
+    weights = torch.exp(scores - row_max)  # exp(-inf) = 0 outside the window
+    numerator = (weights @ vw).flatten(2, 3)[:, :, :length]  # (B, H, N, d)
+    denominator = weights.sum(-1).flatten(2, 3)[:, :, :length]  # (B, H, N)
+    return numerator, denominator
 
 
 def windowed_kernel_attention(

@@ -8,6 +8,7 @@ and ``feature_maps.py``); this file wires them into transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -36,7 +37,9 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .attention import (
     ATTENTION_KINDS,
+    LOLCATS_WINDOW_FACTOR_INIT,
     BeginKernelOptions,
+    HybridOptions,
     KernelOptions,
     LocalOptions,
     PackedDocuments,
@@ -221,6 +224,9 @@ class PerformerAttention(nn.Module):
                 num_heads=self.num_global_heads,  # per-head maps (hedgehog) see the kernel heads only
             )
         self.options = global_attention_options(config, self.feature_map)
+        # hybrid: the per-head window / kernel mixing logits g = sigmoid(window_factor), set by _init_weights
+        self.window_factor = nn.Parameter(torch.empty(self.num_global_heads)) \
+            if self.kind == "hybrid" and self.num_global_heads > 0 else None
         self.local_options = LocalOptions(causal=config.causal, window=config.local_window_size,
                                           blocked=config.local_window_type == "blocked")
 
@@ -250,7 +256,10 @@ class PerformerAttention(nn.Module):
         outputs = []
         if g > 0:
             state = None if cache_layer is None else cache_layer.attention or ATTENTION_KINDS[self.kind].state()
-            out, state = attend(self.kind, q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, state, self.options,
+            options = self.options
+            if self.window_factor is not None:  # the parameter itself (loading may replace it), so it gets grads
+                options = dataclasses.replace(options, window_factor=self.window_factor)
+            out, state = attend(self.kind, q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, state, options,
                                 documents)
             outputs.append(out)  # (B, g, N, d)
             if cache_layer is not None:
@@ -334,6 +343,8 @@ def global_attention_kind(config: PerformerConfig) -> str:
     """The ``attention.ATTENTION_KINDS`` entry the global heads of every layer run."""
     if config.feature_map == EXACT:
         return "softmax"
+    if config.hybrid_window_size > 0:
+        return "hybrid"
     if config.begin_kernel > 0:
         return "begin_kernel"
     return "windowed_kernel" if config.use_causal_windowed else "kernel"
@@ -352,6 +363,8 @@ def global_attention_options(config: PerformerConfig, feature_map: FeatureMap | 
                                         align_end=config.causal_padding == "left")
     if config.begin_kernel > 0:
         options = BeginKernelOptions(options, first=config.begin_kernel)
+    if config.hybrid_window_size > 0:  # window_factor: the module's parameter, passed at each call
+        options = HybridOptions(options, window=config.hybrid_window_size)
     return options
 
 
@@ -553,6 +566,8 @@ class PerformerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.rezero_cross)
         elif isinstance(module, PerformerModel):
             init.zeros_(module.feature_redraws)
+        elif isinstance(module, PerformerAttention) and module.window_factor is not None:
+            init.constant_(module.window_factor, LOLCATS_WINDOW_FACTOR_INIT)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """The stock save, plus a model card (README.md with the ``custom_code`` tag and the architecture) when the

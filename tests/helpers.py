@@ -10,7 +10,8 @@ Fixtures live in ``conftest.py`` (``single_thread``, ``single_thread_per_module`
 * op inputs: ``features``, ``key_mask``, ``grads``, ``favor_inputs``, ``plain_favor``
 * the cost model ``auto`` is checked against: ``multiply_adds``, ``expected_choice``
 * references: ``hf_performer.ops.naive_kernel_attention`` (float64 O(N S) on given features) is the one op
-  reference; ``kernel_attention_reference`` is the whole kernel attention, feature map included, built on it
+  reference; ``kernel_attention_reference`` is the whole kernel attention, feature map included, built on it;
+  ``hybrid_attention_reference`` is LoLCATs' window + kernel attention, dense from its formula
 * the two-process run of integration/test_distributed.py (its worker script imports these): ``DISTRIBUTED_*``,
   ``distributed_model``, ``fsdp_batch``
 """
@@ -177,6 +178,34 @@ def kernel_attention_reference(feature_map, q, k, v, *, scale=1.0, causal, key_m
     root = math.sqrt(scale)
     phi_q, phi_k = feature_map.kernel_features(q * root, k * root, key_mask=key_mask, causal=causal)
     return naive_kernel_attention(phi_q.double(), phi_k.double(), v.double(), causal=causal, key_mask=key_mask)
+
+
+def hybrid_attention_reference(q, k, v, mask, *, window, causal, phi, qk_scale, softmax_scale=None, gate=None):
+    """LoLCATs' hybrid attention (arXiv 2410.10254 sec. 3.2) from its formula, dense, in float64, for the N queries
+    that are the last N of the S keys: W_i = the real keys in the window (causal pos_i - w < pos_j <= pos_i,
+    bidirectional |pos_i - pos_j| < w), R_i = the other real keys (causal: only earlier ones), positions counting
+    real tokens (``mask`` (B, S)); out_i = [g sum_W exp(s - m) v + (1 - g) sum_R phi(q).phi(k) v] / [same, v = 1],
+    s = q.k * softmax_scale (None: d ** -0.5), m the row max over W, phi of q * qk_scale and k * qk_scale, g
+    (h,) (None: 0.5). (B, h, N, d); a query that sees no key gets NaN (callers compare real queries only)."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, queries, dim = q.shape[1], q.shape[2], q.shape[-1]
+    gate = torch.full((heads,), 0.5, dtype=torch.float64) if gate is None else gate.double()
+    gate = gate.view(1, heads, 1, 1)
+    pos = (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, S)
+    distance = pos[:, None, -queries:, None] - pos[:, None, None, :]  # (B, 1, N, S): pos_i - pos_j
+    real_key = mask.bool()[:, None, None, :]
+    if causal:
+        in_window = real_key & (distance >= 0) & (distance < window)
+        other = real_key & (distance >= window)
+    else:
+        in_window = real_key & (distance.abs() < window)
+        other = real_key & (distance.abs() >= window)
+    scores = q @ k.transpose(-1, -2) * (dim**-0.5 if softmax_scale is None else softmax_scale)  # (B, h, N, S)
+    row_max = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
+    exact = torch.exp((scores - row_max).masked_fill(~in_window, float("-inf")))
+    kernel = (phi(q * qk_scale) @ phi(k * qk_scale).transpose(-1, -2)).masked_fill(~other, 0.0)
+    weights = gate * exact + (1 - gate) * kernel
+    return (weights @ v) / weights.sum(-1, keepdim=True)
 
 
 # -- the two-process run of integration/test_distributed.py -------------------------------------------------------

@@ -29,6 +29,7 @@ from hf_performer.cache_performer import CACHE_NAME  # past_key_values before tr
 
 if __name__ == "__main__":  # run as a script (the README's table): tests/ holds helpers.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # noqa: E402
 from helpers import kernel_attention_reference  # noqa: E402
 
 VOCAB = 96
@@ -288,3 +289,95 @@ def test_bf16_autocast_through_the_backend():
         mixed = model(ids).logits
     assert torch.isfinite(mixed).all()
     assert ((mixed.float() - reference).norm() / reference.norm()) < 0.05
+
+
+# -- performer_window_size: LoLCATs' hybrid attention on the host model --------------------------------------
+
+
+def hybrid_copy(reference, window, **options):
+    return performer_copy(reference, feature_map="elu", window_size=window, **options)
+
+
+def elu_phi(x):
+    return torch.nn.functional.elu(x) + 1.0
+
+
+@pytest.mark.parametrize("name, feature_map", [("llama", "elu"), ("bert", "elu"), ("llama", "hedgehog")])
+def test_a_window_longer_than_the_input_gives_the_softmax_model_back(name, feature_map):
+    """With every key in the window the hybrid kind is exact softmax, whatever the mix: the host's sdpa model is
+    the reference."""
+    reference = softmax_model(name)
+    model = performer_copy(reference, feature_map=feature_map, window_size=64)
+    ids, mask = batch(MODELS[name][2])
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(model, ids, mask)[real], hidden(reference, ids, mask)[real],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal, q_len, kv_len", [(True, 12, 12), (True, 1, 12), (True, 4, 12), (False, 12, 12)])
+def test_hybrid_function_equals_the_dense_reference(causal, q_len, kv_len):
+    model = hybrid_copy(softmax_model("llama" if causal else "bert"), 3)
+    module = next(m for m in model.modules() if hasattr(m, "performer_kernel"))
+    kernel = module.performer_kernel
+    with torch.no_grad():
+        kernel.window_factor.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, q_len, 16, generator=generator)
+    k, v = torch.randn(2, 4, kv_len, 16, generator=generator), torch.randn(2, 4, kv_len, 16, generator=generator)
+    key_mask = torch.ones(2, kv_len, dtype=torch.bool)
+    key_mask[1, :3] = False  # left padding
+    k, v = k.masked_fill(~key_mask[:, None, :, None], 1e4), v.masked_fill(~key_mask[:, None, :, None], 1e4)
+    out, weights = performer_attention_forward(module, q, k, v, key_mask.long(), scaling=0.2, is_causal=causal)
+    expected = helpers.hybrid_attention_reference(
+        q, k, v, key_mask, window=3, causal=causal, phi=elu_phi, qk_scale=0.2**0.5, softmax_scale=0.2,
+        gate=torch.sigmoid(kernel.window_factor.detach()))
+    real = key_mask[:, None, -q_len:].expand(2, 4, q_len)
+    assert weights is None
+    torch.testing.assert_close(out.transpose(1, 2)[real].double(), expected[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "hedgehog"])
+def test_hybrid_generate_with_dynamic_cache_matches_no_cache(feature_map):
+    model = performer_copy(softmax_model("llama"), feature_map=feature_map, window_size=4)
+    prompt, mask = batch(True)
+    prompt, mask = prompt[:, :10], mask[:, :10]
+    for beams in (1, 2):
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=beams)
+        assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+def test_hybrid_window_factor_is_trained_saved_and_starts_at_its_init(tmp_path):
+    reference = softmax_model("llama")
+    reference.save_pretrained(tmp_path / "softmax")
+    config = LlamaConfig.from_pretrained(tmp_path / "softmax")
+    config.performer_feature_map, config.performer_window_size = "relu", 4
+    # a softmax checkpoint has no window_factor: every layer starts at sigmoid = 0.1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "softmax", config=config,
+                                                  attn_implementation="performer").eval()
+    for layer in loaded.model.layers:
+        factor = layer.self_attn.performer_kernel.window_factor
+        assert isinstance(factor, torch.nn.Parameter) and factor.shape == (4,)
+        torch.testing.assert_close(torch.sigmoid(factor.detach()), torch.full((4,), 0.1))
+    ids, mask = batch(True)
+    loaded(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    assert all(layer.self_attn.performer_kernel.window_factor.grad.abs().sum() > 0 for layer in loaded.model.layers)
+    with torch.no_grad():
+        for index, layer in enumerate(loaded.model.layers):
+            layer.self_attn.performer_kernel.window_factor.copy_(torch.arange(4.0) - index)
+    loaded.save_pretrained(tmp_path / "hybrid")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid", attn_implementation="performer").eval()
+    assert reloaded.config.performer_window_size == 4
+    for index, layer in enumerate(reloaded.model.layers):
+        assert torch.equal(layer.self_attn.performer_kernel.window_factor.detach(), torch.arange(4.0) - index)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, reloaded(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(window_size=4), "performer_window_size=4 needs performer_feature_map in"),  # favor+ by default
+    (dict(window_size=-1, feature_map="relu"), "performer_window_size must be an int >= 0"),
+])
+def test_bad_window_settings_name_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_model_for_performer_attention(softmax_model("llama"), **options)

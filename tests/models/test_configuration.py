@@ -24,7 +24,7 @@ BOOL_FIELDS = ["ff_glu", "attention_bias", "mlp_bias", "causal", "orthogonal_fea
 INT_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "ff_mult",
               "ff_chunks", "nb_features", "feature_redraw_interval", "feature_seed", "attention_chunk_size",
               "local_window_size", "begin_kernel", "causal_chunk_length", "causal_window_length",
-              "max_position_embeddings", "local_attn_heads"]
+              "max_position_embeddings", "local_attn_heads", "hybrid_window_size"]
 FLOAT_FIELDS = ["layer_norm_eps", "hidden_dropout", "attention_dropout", "embedding_dropout", "initializer_range",
                 "causal_window_decay", "attention_scale", "rope_theta"]
 
@@ -78,6 +78,13 @@ def test_float_fields_reject_nan_and_inf(field, value):
         (dict(local_attn_heads=[1, 5]), "local_attn_heads"),
         (dict(local_attn_heads=[1]), "local_attn_heads"),
         (dict(begin_kernel=-1), "begin_kernel"),
+        (dict(hybrid_window_size=-1), "hybrid_window_size"),
+        (dict(hybrid_window_size=4), "hybrid_window_size"),  # favor+ (the default map) is exponential
+        (dict(hybrid_window_size=4, feature_map="exact"), "hybrid_window_size"),
+        (dict(hybrid_window_size=4, feature_map="generalized", feature_map_kwargs={"kernel_fn": "exp"}),
+         "hybrid_window_size"),
+        (dict(hybrid_window_size=4, feature_map="relu", begin_kernel=2), "hybrid_window_size"),
+        (dict(hybrid_window_size=4, feature_map="relu", use_causal_windowed=True), "hybrid_window_size"),
         (dict(feature_redraw_interval=-1), "feature_redraw_interval"),
         (dict(intermediate_size=0), "intermediate_size"),
         (dict(vocab_size=-5), "vocab_size"),

@@ -249,3 +249,49 @@ def test_pipeline_batches_left_padded_prompts(tmp_path):
     batched = generator(prompts, max_new_tokens=6, do_sample=False, batch_size=2)
     alone = [generator(p, max_new_tokens=6, do_sample=False)[0] for p in prompts]
     assert [b[0]["generated_text"] for b in batched] == [a["generated_text"] for a in alone]
+
+
+# -- hybrid attention (hybrid_window_size: LoLCATs' sliding window + kernel attention) ---------------------------
+
+
+def left_padded(rows=3, width=11, pads=(0, 4, 7), seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 97, (rows, width))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("feature_map, window", [("relu", 1), ("relu", 4), ("relu", 40), ("hedgehog", 4),
+                                                 ("taylor", 3)])
+def test_hybrid_chunked_prefill_and_single_steps_equal_the_full_forward(feature_map, window):
+    model = seeded_lm(seed=20, feature_map=feature_map, hybrid_window_size=window, local_attn_heads=1)
+    ids, mask = left_padded(width=21, pads=(0, 6, 13))
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    cache, pieces = None, []
+    for start, stop in [(0, 9)] + [(t, t + 1) for t in range(9, 17)] + [(17, 21)]:
+        out = model(ids[:, start:stop], attention_mask=mask[:, :stop], use_cache=True, **{CACHE_NAME: cache})
+        cache = getattr(out, CACHE_NAME)
+        pieces.append(out.logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], rtol=1e-4, atol=1e-5)
+
+
+def test_hybrid_generate_greedy_and_beam_equal_uncached_decoding():
+    model = seeded_lm(seed=21, feature_map="elu", hybrid_window_size=3)
+    ids, mask = left_padded(seed=1)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert torch.equal(greedy, uncached_greedy(model, ids, 10, attention_mask=mask))
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                             prefill_chunk_size=4)
+    assert torch.equal(chunked, greedy)
+    beam = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False,
+                eos_token_id=None)
+    assert torch.equal(model.generate(ids, use_cache=True, **beam), model.generate(ids, use_cache=False, **beam))
+
+
+def test_hybrid_cache_is_constant_in_context_length():
+    model = seeded_lm(feature_map="relu", hybrid_window_size=5)
+    sizes = [model(torch.randint(3, 97, (1, n)), use_cache=True).past_key_values.nbytes() for n in (8, 64, 256)]
+    assert sizes[0] == sizes[1] == sizes[2] > 0

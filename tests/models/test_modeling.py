@@ -422,3 +422,53 @@ def test_features_inside_the_op_match_the_feature_map_path(make_config, monkeypa
         torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-5)
         for got, want in zip(fused_grads, plain_grads):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# -- hybrid attention (hybrid_window_size) ---------------------------------------------------------------------
+
+
+def test_hybrid_window_factor_is_a_trained_parameter_saved_and_initialised_when_missing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = tiny_config(feature_map="relu", hybrid_window_size=4, local_attn_heads=1)
+    model = seeded(PerformerForCausalLM, config, seed=30)
+    attn = model.model.layers[0].self_attn
+    assert attn.kind == "hybrid" and attn.window_factor.shape == (3,)  # the global heads only
+    torch.testing.assert_close(torch.sigmoid(attn.window_factor.detach()), torch.full((3,), 0.1))
+    ids = torch.randint(3, 97, (2, 15))
+    model(ids, labels=ids).loss.backward()
+    assert attn.window_factor.grad is not None and attn.window_factor.grad.abs().sum() > 0
+    with torch.no_grad():
+        attn.window_factor.copy_(torch.tensor([1.0, -0.5, 3.0]))  # trained values must survive save / load
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = PerformerForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(reloaded(ids).logits, expected)
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_bytes((tmp_path / "saved" / "config.json").read_bytes())
+    save_file({k: t for k, t in saved.items() if not k.endswith("window_factor")},
+              str(tmp_path / "old" / "model.safetensors"), metadata={"format": "pt"})
+    old = PerformerForCausalLM.from_pretrained(tmp_path / "old")
+    for layer in old.model.layers:  # missing from the checkpoint: the init value, not uninitialised memory
+        torch.testing.assert_close(layer.self_attn.window_factor.detach(),
+                                   torch.full((3,), attention.LOLCATS_WINDOW_FACTOR_INIT))
+
+
+def test_hybrid_model_runs_the_hybrid_kind_with_its_parameter():
+    config = tiny_config(feature_map="elu", hybrid_window_size=3)
+    options = modeling_performer.global_attention_options(config, hf_performer.feature_maps.EluFeatureMap(8))
+    assert modeling_performer.global_attention_kind(config) == "hybrid"
+    assert isinstance(options, attention.HybridOptions) and options.window == 3
+    assert options.kernel.qk_scale == config.qk_scale and options.window_factor is None
+    model = seeded(PerformerForCausalLM, config, seed=31)
+    seen = []
+    original = attention.ATTENTION_KINDS["hybrid"]
+    try:
+        attention.ATTENTION_KINDS["hybrid"] = attention.AttentionKind(
+            lambda *args: seen.append(args[-1]) or original.function(*args), original.options, original.state)
+        model(torch.randint(3, 97, (1, 9)))
+    finally:
+        attention.ATTENTION_KINDS["hybrid"] = original
+    assert len(seen) == 2
+    assert all(o.window_factor is layer.self_attn.window_factor for o, layer in zip(seen, model.model.layers))
