@@ -63,7 +63,25 @@ PerformerForTokenClassification.register_for_auto_class("AutoModelForTokenClassi
 PerformerForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 PerformerForMultipleChoice.register_for_auto_class("AutoModelForMultipleChoice")
 
+_LAZY = {  # the linearization pipeline imports Trainer: loaded on first use, not with the package
+    "linearize": "linearization",
+    "LinearizeArguments": "linearization",
+    "convert_llama_to_performer": "convert_llama",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "linearize",
+    "LinearizeArguments",
+    "convert_llama_to_performer",
     "PerformerKernel",
     "prepare_model_for_performer_attention",
     "convert_performer_pytorch",

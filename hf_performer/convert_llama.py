@@ -66,7 +66,8 @@ def performer_config_from_llama(config, **performer_options) -> PerformerConfig:
     )
     for ours, theirs in (("feature_map", "performer_feature_map"), ("nb_features", "performer_nb_features"),
                          ("feature_map_kwargs", "performer_feature_map_kwargs"),
-                         ("feature_seed", "performer_feature_seed"), ("attention_chunk_size", "performer_chunk_size")):
+                         ("feature_seed", "performer_feature_seed"), ("attention_chunk_size", "performer_chunk_size"),
+                         ("hybrid_window_size", "performer_window_size")):
         value = getattr(config, theirs, None)
         if value is not None:
             options[ours] = value
@@ -104,6 +105,9 @@ def convert_llama_to_performer(model: nn.Module, **performer_options) -> Perform
         kernel = getattr(attention, "performer_kernel", None)  # trained by attention transfer, if any
         if kernel is not None and layer.self_attn.feature_map is not None:
             layer.self_attn.feature_map.load_state_dict(kernel.feature_map.state_dict())
+            window_factor = getattr(kernel, "window_factor", None)
+            if window_factor is not None and getattr(layer.self_attn, "window_factor", None) is not None:
+                layer.self_attn.window_factor.copy_(window_factor)
     if not config.tie_word_embeddings:
         performer.lm_head.weight.copy_(model.lm_head.weight)
     return performer.eval() if not model.training else performer

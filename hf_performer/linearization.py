@@ -511,11 +511,9 @@ def linearize(
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model)
-    if args.window_size:
-        student.config.performer_window_size = args.window_size
     prepare_model_for_performer_attention(
         student, feature_map=args.feature_map, nb_features=args.nb_features, feature_seed=args.feature_seed,
-        feature_map_kwargs=args.feature_map_kwargs,
+        feature_map_kwargs=args.feature_map_kwargs, window_size=args.window_size or None,
     )
     teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
     measure = lambda: evaluate(student, teacher, kind, eval_dataset, collator, teacher_reference)  # noqa: E731

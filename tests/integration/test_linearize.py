@@ -1,0 +1,253 @@
+"""hf_performer.linearize / hf-performer-linearize on tiny random models with their own tokenizers: the stages
+train what they should, the saved folder loads with kernel attention and no extra argument (also by remote code
+without the package), Llama-family decoders come out as native Performers."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from helpers import HIDE_HF_PERFORMER, build_tokenizer
+from hf_performer import PerformerForCausalLM, prepare_model_for_performer_attention
+from hf_performer.attention_backend import performer_attention_forward
+from hf_performer.linearization import (
+    DataArguments,
+    LinearizeArguments,
+    _QUERY_MASK,
+    attention_transfer_forward,
+    embedding_agreement,
+    linearize,
+    main,
+    split_sentences,
+)
+
+SMALL_DATA = DataArguments(max_seq_length=32, max_train_samples=96)
+FAST = dict(max_eval_samples=24)
+
+
+def tiny_bert(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():  # random init attends almost uniformly, which any kernel matches; make it peaked
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(6.0)
+            layer.attention.self.key.weight.mul_(6.0)
+    return model
+
+
+def tiny_llama(vocab, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
+def training_args(tmp_path, **overrides):
+    from transformers import TrainingArguments
+
+    options = dict(output_dir=str(tmp_path / "runs"), per_device_train_batch_size=8, learning_rate=1e-3,
+                   logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
+    return TrainingArguments(**{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    return build_tokenizer(300)
+
+
+# -- the attention-transfer function ------------------------------------------------------------------------------
+
+
+def test_attention_transfer_returns_softmax_and_records_the_kernel_error(word_tokenizer):
+    model = tiny_bert(word_tokenizer)
+    prepare_model_for_performer_attention(model, feature_map="hedgehog")
+    module = model.encoder.layer[0].attention.self
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g) for _ in range(3))  # (B, H, N, d)
+    real = torch.ones(2, 9, dtype=torch.long)
+    real[1, 6:] = 0
+    mask = real.bool()[:, None, None, :].expand(2, 1, 9, 9)  # keys only: bidirectional with padding
+    token = _QUERY_MASK.set(real)
+    try:
+        out, _ = attention_transfer_forward(module, q, k, v, mask, scaling=8**-0.5)
+    finally:
+        _QUERY_MASK.reset(token)
+    # what goes on is plain softmax attention, computed here naively in float64
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 8**-0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    softmax = (scores.softmax(-1) @ v.double()).transpose(1, 2)  # (B, N, H, d)
+    torch.testing.assert_close(out.double(), softmax, atol=1e-5, rtol=1e-5)
+    kernel, _ = performer_attention_forward(module, q, k, v, mask, scaling=8**-0.5)
+    weights = real.double()[:, :, None, None]
+    expected = ((kernel.double() - softmax) ** 2 * weights).sum() / (softmax**2 * weights).sum()
+    torch.testing.assert_close(module._performer_transfer_loss.double(), expected, atol=1e-6, rtol=1e-4)
+    assert expected > 1e-4  # the kernel is not already exact: the loss measures something
+
+
+def test_sdpa_reference_is_what_transfer_returns(word_tokenizer):
+    model = tiny_bert(word_tokenizer)
+    module = model.encoder.layer[0].attention.self
+    prepare_model_for_performer_attention(model, feature_map="taylor")
+    q, k, v = (torch.randn(1, 4, 5, 8) for _ in range(3))
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.3)
+    got, _ = attention_transfer_forward(module, q, k, v, None, scaling=0.3)
+    assert torch.equal(got, expected)
+
+
+# -- end to end ---------------------------------------------------------------------------------------------------
+
+
+def _losses(history):
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_encoder_linearize_trains_both_stages_and_saves_a_kernel_attention_folder(tmp_path, word_tokenizer):
+    model = tiny_bert(word_tokenizer)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "linearized"
+    result = linearize(model, word_tokenizer, feature_map="hedgehog", transfer_steps=25, distill_steps=15,
+                       transfer_learning_rate=3e-2, data_args=SMALL_DATA, training_args=training_args(tmp_path),
+                       output_dir=str(out), **FAST)
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # the input model is untouched
+    transfer, distill = _losses(result.log_history["transfer"]), _losses(result.log_history["distill"])
+    assert len(transfer) == 25 and len(distill) == 15
+    assert sum(transfer[-5:]) < 0.7 * sum(transfer[:5])  # attention transfer lowers the attention error
+    assert sum(distill[-5:]) < sum(distill[:5])
+    metrics = result.metrics
+    assert metrics["original (softmax)"]["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["+ attention transfer"]["mean_cosine"] > metrics["kernel attention, no training"]["mean_cosine"]
+
+    # the folder: kernel attention with no extra argument, the same numbers as the returned model
+    config = json.loads((out / "config.json").read_text())
+    assert config["attn_implementation"] == "performer" and config["performer_feature_map"] == "hedgehog"
+    loaded = AutoModel.from_pretrained(out).eval()
+    assert loaded.config._attn_implementation == "performer"
+    batch = word_tokenizer(["the for statement repeats a block", "a short one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = result.model(**batch).last_hidden_state
+        torch.testing.assert_close(loaded(**batch).last_hidden_state, expected, atol=0, rtol=0)
+    report = json.loads((out / "linearize_results.json").read_text())
+    assert report["metrics"] == json.loads(json.dumps(metrics))
+
+    # remote code, where hf_performer is not installed
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    script = HIDE_HF_PERFORMER + textwrap.dedent(f"""
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        batch = torch.load({str(tmp_path / 'batch.pt')!r})
+        with torch.no_grad():
+            torch.save(model(**batch).last_hidden_state, {str(tmp_path / 'remote.pt')!r})
+        print(type(model).__name__, model.config._attn_implementation)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["LinearizedBertModel", "performer"]
+    torch.testing.assert_close(torch.load(tmp_path / "remote.pt"), expected, atol=0, rtol=0)
+
+
+def test_llama_linearizes_to_a_native_performer(tmp_path):
+    tokenizer = ByT5Tokenizer()
+    model = tiny_llama(len(tokenizer))
+    out = tmp_path / "native"
+    result = linearize(model, tokenizer, feature_map="hedgehog", transfer_steps=10, distill_steps=10,
+                       data_args=SMALL_DATA, training_args=training_args(tmp_path), output_dir=str(out), **FAST)
+    assert isinstance(result.model, PerformerForCausalLM)
+    assert result.model.config.num_key_value_heads == 2 and result.model.config.feature_map == "hedgehog"
+    assert math.isfinite(result.metrics["+ distillation"]["perplexity"])
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(loaded, PerformerForCausalLM)
+    ids = torch.tensor([tokenizer("def f(x): return x")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=0, rtol=0)
+    # the learned feature maps came along: the native model differs from a fresh hedgehog conversion
+    from hf_performer.convert_llama import convert_llama_to_performer
+
+    fresh = convert_llama_to_performer(model, feature_map="hedgehog")
+    key = "model.layers.0.self_attn.feature_map.query_weight"
+    assert not torch.equal(fresh.state_dict()[key], loaded.state_dict()[key])
+
+
+def test_lora_distillation_merges_the_adapters(tmp_path, word_tokenizer):
+    model = tiny_bert(word_tokenizer)
+    result = linearize(model, word_tokenizer, feature_map="hedgehog", transfer_steps=0, distill_steps=6, lora_r=4,
+                       lora_target_modules="query,key,value", data_args=SMALL_DATA,
+                       training_args=training_args(tmp_path), **FAST)
+    assert type(result.model).__name__ == "BertModel"  # merged and unwrapped
+    assert not any("lora" in name for name, _ in result.model.named_parameters())
+    original = model.state_dict()
+    changed = [name for name, p in result.model.named_parameters()
+               if name in original and not torch.equal(p, original[name])]
+    assert any("attention.self.query" in name for name in changed)  # the merged adapters moved the projections
+    assert not any("intermediate" in name for name in changed)  # and nothing else
+
+
+def test_command_line_on_a_saved_model_with_the_embedded_corpus(tmp_path, word_tokenizer):
+    source = tmp_path / "bert"
+    tiny_bert(word_tokenizer).save_pretrained(source)
+    word_tokenizer.save_pretrained(source)
+    out = tmp_path / "cli"
+    result = main(["--model_name_or_path", str(source), "--output_dir", str(out), "--feature_map", "taylor",
+                   "--transfer_steps", "3", "--max_steps", "4", "--max_seq_length", "32", "--max_train_samples", "64",
+                   "--max_eval_samples", "16", "--per_device_train_batch_size", "4", "--report_to", "none",
+                   "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "True", "--logging_steps", "1"])
+    assert set(result.metrics) == {"original (softmax)", "kernel attention, no training", "+ distillation"}
+    assert len(_losses(result.log_history["distill"])) >= 1 and "transfer" not in result.log_history  # taylor: nothing to transfer
+    assert (out / "linearize_results.json").exists() and (out / "tokenizer.json").exists()
+    assert AutoModel.from_pretrained(out).config.performer_feature_map == "taylor"
+
+
+# -- pieces -------------------------------------------------------------------------------------------------------
+
+
+def test_embedding_agreement_against_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.nn.functional.normalize(torch.randn(12, 6, generator=g), dim=-1)
+    student = torch.nn.functional.normalize(teacher + 0.3 * torch.randn(12, 6, generator=g), dim=-1)
+    got = embedding_agreement(student, teacher)
+    cos = [float(student[i] @ teacher[i]) for i in range(12)]
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12)]
+    a = torch.tensor([float(student[i] @ student[j]) for i, j in pairs], dtype=torch.float64)
+    b = torch.tensor([float(teacher[i] @ teacher[j]) for i, j in pairs], dtype=torch.float64)
+    pearson = float(((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()).norm() * (b - b.mean()).norm()))
+    assert got["mean_cosine"] == pytest.approx(sum(cos) / 12, abs=1e-6)
+    assert got["min_cosine"] == pytest.approx(min(cos), abs=1e-6)
+    assert got["similarity_correlation"] == pytest.approx(pearson, abs=1e-6)
+
+
+def test_sentences_of_the_embedded_corpus_are_prose():
+    sentences = split_sentences(["First sentence here is long enough. Second one, also long enough!\n\nx = 1"])
+    assert sentences == ["First sentence here is long enough.", "Second one, also long enough!"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"model_kind": "seq2seq"}, "model_kind"),
+    ({"feature_map": "nope"}, "feature_map"),
+    ({"transfer_steps": -2}, "transfer_steps"),
+    ({"feature_map_kwargs": "{not json"}, "feature_map_kwargs"),
+    ({"nb_features": 0}, "nb_features"),
+])
+def test_bad_options_name_the_field(options, message):
+    with pytest.raises(ValueError, match=message):
+        LinearizeArguments(**options)
