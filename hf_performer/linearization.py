@@ -31,7 +31,6 @@ it is not installed) runs kernel attention as saved.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -61,7 +60,7 @@ from .attention_backend import (
     performer_attention_forward,
     prepare_model_for_performer_attention,
 )
-from .convert_llama import NATIVE_MODEL_TYPES, convert_llama_to_performer, converts_natively
+from .convert_llama import convert_llama_to_performer, converts_natively
 
 logger = logging.get_logger(__name__)
 
