@@ -173,3 +173,26 @@ def machine_line(threads: int, rate: float) -> str:
         f"{threads} threads, fp32 matmul {rate / 1e9:.0f} GFLOP/s (2048^2, best of 7), load average {load:.1f} "
         "when the run started"
     )
+
+
+# -- contention ---------------------------------------------------------------------------------------------------
+
+
+class BusyCore:
+    """A busy-loop process pinned to one core (``os.sched_setaffinity``) while the ``with`` block runs: what the
+    measured op sees when another program holds a core (the contended case of issue 16). core None: no-op."""
+
+    def __init__(self, core: int | None):
+        self.core, self.process = core, None
+
+    def __enter__(self):
+        if self.core is not None:
+            spin = f"import os\nos.sched_setaffinity(0, {{{self.core}}})\nwhile True:\n    pass\n"
+            self.process = subprocess.Popen([sys.executable, "-c", spin])
+            time.sleep(0.2)  # let it start spinning
+        return self
+
+    def __exit__(self, *exc):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()

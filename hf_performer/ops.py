@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .ops_chunked import chunked_causal_attention, chunked_exp_attention
+from .ops_decode import exp_decode_step
 from .ops_common import (  # noqa: F401  (re-exported: the feature maps, tests and benchmarks import them from here)
     NEG_LOG_SCALE,
     ExpProjectionFeatures,
@@ -106,6 +107,15 @@ def _use_triton(implementation: str, resolved: str, x: Tensor, num_features: int
     from .ops_triton import fits, usable
 
     return usable(x) and fits(x, num_features)
+
+
+def _decode_fast_path(implementation: str, length: int, initial_state, q, k, v) -> bool:
+    """One new token, a filled state and no gradient: ``ops_decode.exp_decode_step`` (what ``generate`` runs every
+    step). Asking for ``triton`` keeps the kernels; gradients (training through a state) keep the general paths."""
+    if length != 1 or initial_state is None or initial_state[1] is None or implementation == "triton":
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                            or initial_state[0].requires_grad))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +226,9 @@ def causal_exp_attention(
     if projection.requires_grad:
         raise ValueError("causal_exp_attention treats the projection as a constant; it got one that requires grad")
     length = q.shape[-2]
+    if _decode_fast_path(implementation, length, initial_state, q, k, v):
+        out, kv, c_end = exp_decode_step(q, k, v, projection, norm_coef, logit_offset, *initial_state, key_mask)
+        return out, (kv, c_end)
     impl = _resolve(implementation, length, length, projection.shape[0], v.shape[-1], causal=True,
                     chunk_size=chunk_size)
     ct = _compute_dtype(q.dtype)

@@ -498,3 +498,49 @@ def test_chunked_ops_pass_torch_library_opcheck_with_a_ragged_last_chunk():
     backward_args = (torch.randn_like(out), torch.randn_like(kv_end), q.detach(), k.detach(), v.detach(), log_scale,
                      c0, out.detach(), normaliser.detach(), block_states.detach(), chunk)
     torch.library.opcheck(ops_chunked._chunked_backward, backward_args)
+
+
+# -- one-token decode fast path (ops_decode.exp_decode_step) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("empty", [False, True])
+def test_decode_fast_path_matches_quadratic(masked, empty):
+    """Without gradients, one token on a filled state takes ops_decode; it must give the quadratic path's output and
+    state (the state passed in left untouched)."""
+    torch.manual_seed(0)
+    b, h, d, m = 2, 3, 8, 16
+    projection = torch.randn(m, d, dtype=torch.float64) * 0.5
+    prompt = [torch.randn(b, h, 9, d, dtype=torch.float64) for _ in range(3)]
+    step = [torch.randn(b, h, 1, d, dtype=torch.float64) for _ in range(3)]
+    kwargs = dict(norm_coef=0.5, logit_offset=-0.5 * 2.77)
+    if empty:
+        state = ops.empty_state(b, h, m, d, True, "cpu")
+        state = (state[0].double(), state[1].double())
+    else:
+        state = ops.causal_exp_attention(*prompt, projection, **kwargs, implementation="chunked")[1]
+    mask = torch.tensor([[True], [False]]) if masked else None
+    kv_before = state[0].clone()
+    with torch.no_grad():
+        out, (kv, c) = ops.causal_exp_attention(*step, projection, **kwargs, key_mask=mask, initial_state=state)
+    ref, (ref_kv, ref_c) = ops.causal_exp_attention(*step, projection, **kwargs, key_mask=mask, initial_state=state,
+                                                    implementation="quadratic")
+    assert torch.equal(state[0], kv_before)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(c, ref_c)
+    torch.testing.assert_close(kv, ref_kv)
+
+
+def test_decode_fast_path_not_taken_with_gradients(monkeypatch):
+    """Training through a state keeps the general (differentiable) paths."""
+    from hf_performer import ops_decode
+
+    monkeypatch.setattr(ops, "exp_decode_step", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fast path")))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    state = ops.causal_exp_attention(q.detach(), k.detach(), v.detach(), torch.randn(16, 8, dtype=torch.float64),
+                                     norm_coef=0.5, logit_offset=0.0, implementation="quadratic")[1]
+    out, _ = ops.causal_exp_attention(q, k, v, torch.randn(16, 8, dtype=torch.float64), norm_coef=0.5,
+                                      logit_offset=0.0, initial_state=state)
+    out.sum().backward()
+    assert q.grad is not None and ops_decode is not None
