@@ -96,6 +96,8 @@ class LinearizeArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_target_modules: str | None = field(default=None, metadata={"help": "Comma-separated module names for LoRA "
                                             "(default: the attention projections peft knows for the model)."})
+    keep_dropout: bool = field(default=False, metadata={"help": "Keep the model's dropout while training (default: "
+                               "off, since the student matches a deterministic teacher; the saved config keeps it)."})
     convert_natively: bool = field(default=True, metadata={"help": "Save Llama-family decoders as PerformerForCausalLM."})
     eval_every: int = field(default=0, metadata={"help": "> 0: evaluate every this many steps of each stage "
                             "(written to quality_curve.json, for plots of quality against training tokens)."})
@@ -502,20 +504,31 @@ def linearize(
         train_dataset = built_train if train_dataset is None else train_dataset
         eval_dataset = built_eval if eval_dataset is None else eval_dataset
     if training_args is None:
-        training_args = TrainingArguments(output_dir=output_dir or "linearize-runs", per_device_train_batch_size=16,
-                                          learning_rate=1e-4, logging_steps=50, save_strategy="no",
-                                          report_to="none", lr_scheduler_type="cosine", warmup_steps=10)
+        training_args = TrainingArguments(output_dir=output_dir or "linearize-runs", **CLI_TRAINING_DEFAULTS)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else getattr(model.config, "pad_token_id", None)
     collator = _Collator(pad)
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model)
+    restore_dropout = (lambda: None) if args.keep_dropout else _disable_dropout(student)
     prepare_model_for_performer_attention(
         student, feature_map=args.feature_map, nb_features=args.nb_features, feature_seed=args.feature_seed,
         feature_map_kwargs=args.feature_map_kwargs, window_size=args.window_size or None,
     )
     teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
-    measure = lambda: evaluate(student, teacher, kind, eval_dataset, collator, teacher_reference)  # noqa: E731
+
+    def measure() -> dict[str, float]:
+        """The student as it will run: kernel attention, also when called mid-transfer (the transfer function
+        returns the softmax output, which would measure the teacher)."""
+        transferring = student.config._attn_implementation == TRANSFER_IMPLEMENTATION
+        if transferring:
+            student.set_attn_implementation(ATTN_IMPLEMENTATION)
+        try:
+            return evaluate(student, teacher, kind, eval_dataset, collator, teacher_reference)
+        finally:
+            if transferring:
+                student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
+
     metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference),
                "kernel attention, no training": measure()}
     curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, **metrics["kernel attention, no training"]}]
@@ -563,6 +576,7 @@ def linearize(
         if args.lora_r:
             student = trained.merge_and_unload()
         metrics["+ distillation" + (" (LoRA)" if args.lora_r else "")] = measure()
+    restore_dropout()  # the returned model fine-tunes like the original
     student.eval()
 
     final = student
@@ -573,6 +587,25 @@ def linearize(
         save_linearized(final, output_dir, tokenizer)
         _write_report(Path(output_dir), result, kind, args)
     return result
+
+
+def _disable_dropout(model: nn.Module):
+    """Dropout modules to p=0 (the attention functions read the module's rate too) for training against a
+    deterministic teacher; returns a function that puts every rate back (config.json is never touched)."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            saved.append((module, "p", module.p))
+            module.p = 0.0
+        elif dispatches_attention(module) and isinstance(getattr(module, "attention_dropout", None), float):
+            saved.append((module, "attention_dropout", module.attention_dropout))  # Llama keeps a float rate
+            module.attention_dropout = 0.0
+
+    def restore():
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+    return restore
 
 
 def _tokens_per_step(dataset, training_args) -> int:
@@ -677,11 +710,17 @@ def _load(args: LinearizeArguments):
     return model, tokenizer, kind
 
 
+# TrainingArguments defaults of the command (and of linearize() without training_args); any flag overrides them
+CLI_TRAINING_DEFAULTS = dict(per_device_train_batch_size=16, learning_rate=1e-4, logging_steps=25,
+                             save_strategy="no", report_to="none", lr_scheduler_type="cosine", warmup_steps=10)
+
+
 def main(argv: list[str] | None = None) -> LinearizeResult:
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((LinearizeArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser.set_defaults(**CLI_TRAINING_DEFAULTS)
     args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     given = {a.split("=")[0] for a in argv}
     if "--num_train_epochs" in given and "--max_steps" not in given and "--distill_steps" not in given:

@@ -189,6 +189,37 @@ def test_llama_linearizes_to_a_native_performer(tmp_path):
     assert not torch.equal(fresh.state_dict()[key], loaded.state_dict()[key])
 
 
+def test_quality_curve_during_transfer_measures_kernel_attention(tmp_path, word_tokenizer):
+    # the transfer stage's forward returns softmax; a curve point taken then must still measure the kernel
+    result = linearize(tiny_bert(word_tokenizer), word_tokenizer, feature_map="hedgehog", transfer_steps=4,
+                       distill_steps=0, eval_every=2, transfer_learning_rate=3e-2, data_args=SMALL_DATA,
+                       training_args=training_args(tmp_path), **FAST)
+    points = [p for p in result.curve if p["stage"] == "transfer"]
+    assert [p["step"] for p in points] == [2, 4]
+    after = result.metrics["+ attention transfer"]  # measured with kernel attention after the stage
+    for name in ("mean_cosine", "similarity_correlation"):  # same weights, same attention: the same numbers
+        assert points[-1][name] == pytest.approx(after[name], rel=1e-9, abs=0)
+    original = result.metrics["original (softmax)"]["similarity_correlation"]
+    assert all(p["similarity_correlation"] < original - 1e-6 for p in points)  # not the teacher's softmax output
+
+
+@pytest.mark.parametrize("keep_dropout", [False, True])
+def test_dropout_is_off_while_training_and_restored_after(tmp_path, word_tokenizer, keep_dropout):
+    model = tiny_bert(word_tokenizer)
+    model.config.hidden_dropout_prob = 0.1
+    dropout = model.encoder.layer[0].output.dropout
+    dropout.p = 0.1
+    seen = []  # (training, rate) of every call; the hook travels with linearize's copies of the model
+    dropout.register_forward_hook(lambda module, inputs, output: seen.append((module.training, module.p)))
+    result = linearize(model, word_tokenizer, feature_map="taylor", transfer_steps=0, distill_steps=2,
+                       keep_dropout=keep_dropout, data_args=SMALL_DATA, training_args=training_args(tmp_path),
+                       output_dir=str(tmp_path / "out"), **FAST)
+    rates_in_training = {rate for training, rate in seen if training}
+    assert rates_in_training == ({0.1} if keep_dropout else {0.0})
+    assert result.model.encoder.layer[0].output.dropout.p == 0.1  # the returned model fine-tunes like the original
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
+
+
 def test_lora_distillation_merges_the_adapters(tmp_path, word_tokenizer):
     model = tiny_bert(word_tokenizer)
     result = linearize(model, word_tokenizer, feature_map="hedgehog", transfer_steps=0, distill_steps=6, lora_r=4,
