@@ -60,11 +60,15 @@ from .attention_backend import (
     performer_attention_forward,
     prepare_model_for_performer_attention,
 )
+from .attention import check_hybrid_feature_map, hybrid_feature_maps
 from .convert_llama import convert_llama_to_performer, converts_natively
 
 logger = logging.get_logger(__name__)
 
 TRANSFER_IMPLEMENTATION = "performer_transfer"
+# LoLCATs' window (arXiv 2410.10254 uses 64 on 2k-token Llama inputs); 8 recovers all-MiniLM-L6-v2 to 0.97 cosine
+# after the default transfer stage on ~30-token sentences (benchmarks/bench_linearize.py)
+DEFAULT_WINDOW_SIZE = 8
 MODEL_KINDS = ("auto", "encoder", "causal_lm")
 
 
@@ -83,12 +87,14 @@ class LinearizeArguments:
     feature_map: str = field(default="hedgehog", metadata={"help": "A name from hf_performer.available_feature_maps()."})
     nb_features: int | None = field(default=None, metadata={"help": "Number of features (default: the map's)."})
     feature_map_kwargs: str | None = field(default=None, metadata={"help": "JSON dict of extra feature-map options."})
-    window_size: int = field(default=0, metadata={"help": "> 0: LoLCATs hybrid, exact softmax over this many "
-                             "neighbouring tokens plus kernel attention over the rest (0: kernel attention only)."})
+    window_size: int | None = field(default=None, metadata={"help": "> 0: LoLCATs hybrid, exact softmax over this "
+                                    "many neighbouring tokens plus kernel attention over the rest; 0: kernel attention "
+                                    f"only; default: {DEFAULT_WINDOW_SIZE} for maps the hybrid accepts (hedgehog, "
+                                    "relu, taylor, ...), 0 for exponential ones (favor+, favor++, ...)."})
     feature_seed: int = field(default=0, metadata={"help": "Seed of random feature projections."})
     transfer_steps: int = field(default=200, metadata={"help": "Stage 1 (attention transfer) optimizer steps; 0 skips it."})
     transfer_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 1 learning rate."})
-    distill_steps: int = field(default=300, metadata={"help": "Stage 2 steps when neither --max_steps nor "
+    distill_steps: int = field(default=100, metadata={"help": "Stage 2 steps when neither --max_steps nor "
                                "--num_train_epochs is given; 0 skips stage 2, -1 runs --num_train_epochs."})
     lm_loss_weight: float = field(default=0.0, metadata={"help": "Causal LMs: weight of the LM loss next to the KL."})
     lora_r: int = field(default=0, metadata={"help": "> 0: stage 2 trains LoRA adapters of this rank (peft) and "
@@ -108,6 +114,8 @@ class LinearizeArguments:
             raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {self.model_kind!r}")
         for name in ("transfer_steps", "distill_steps", "window_size", "lora_r", "eval_every"):
             value = getattr(self, name)
+            if name == "window_size" and value is None:
+                continue  # resolved below, once the feature map is known
             lowest = -1 if name == "distill_steps" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
@@ -126,6 +134,25 @@ class LinearizeArguments:
 
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
+        if self.window_size is None:
+            self.window_size = DEFAULT_WINDOW_SIZE if accepts_window(self.feature_map, self.feature_map_kwargs) else 0
+            logger.info(f"window_size={self.window_size} for feature_map={self.feature_map!r} (pass --window_size to "
+                        "choose; 0 turns the exact-attention window off)")
+        elif self.window_size > 0 and not accepts_window(self.feature_map, self.feature_map_kwargs):
+            raise ValueError(f"window_size={self.window_size} needs a feature_map with plain per-token features, one "
+                             f"of {hybrid_feature_maps()}; {self.feature_map!r} is exponential (use window_size=0)")
+
+
+def accepts_window(feature_map: str, feature_map_kwargs: dict | None = None) -> bool:
+    """Whether ``feature_map`` (with these options) can run the hybrid window + kernel attention."""
+    from .feature_maps import FEATURE_MAPS, build_feature_map
+
+    heads = 1 if FEATURE_MAPS[feature_map].per_head else None
+    try:
+        check_hybrid_feature_map(build_feature_map(feature_map, 8, options=feature_map_kwargs, num_heads=heads))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass

@@ -25,6 +25,7 @@ from helpers import HIDE_HF_PERFORMER, build_tokenizer
 from hf_performer import PerformerForCausalLM, prepare_model_for_performer_attention
 from hf_performer.attention_backend import performer_attention_forward
 from hf_performer.linearization import (
+    DEFAULT_WINDOW_SIZE,
     DataArguments,
     LinearizeArguments,
     _QUERY_MASK,
@@ -243,10 +244,31 @@ def test_command_line_on_a_saved_model_with_the_embedded_corpus(tmp_path, word_t
                    "--transfer_steps", "3", "--max_steps", "4", "--max_seq_length", "32", "--max_train_samples", "64",
                    "--max_eval_samples", "16", "--per_device_train_batch_size", "4", "--report_to", "none",
                    "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "True", "--logging_steps", "1"])
-    assert set(result.metrics) == {"original (softmax)", "kernel attention, no training", "+ distillation"}
-    assert len(_losses(result.log_history["distill"])) >= 1 and "transfer" not in result.log_history  # taylor: nothing to transfer
+    # taylor has nothing to learn, but it accepts the default window, whose mixing factors the transfer trains
+    assert set(result.metrics) == {"original (softmax)", "kernel attention, no training", "+ attention transfer",
+                                   "+ distillation"}
+    assert len(_losses(result.log_history["transfer"])) == 3 and len(_losses(result.log_history["distill"])) == 4
     assert (out / "linearize_results.json").exists() and (out / "tokenizer.json").exists()
-    assert AutoModel.from_pretrained(out).config.performer_feature_map == "taylor"
+    config = AutoModel.from_pretrained(out).config
+    assert config.performer_feature_map == "taylor" and config.performer_window_size == DEFAULT_WINDOW_SIZE
+
+
+@pytest.mark.parametrize("feature_map, window", [("hedgehog", DEFAULT_WINDOW_SIZE), ("relu", DEFAULT_WINDOW_SIZE),
+                                                 ("favor+", 0), ("favor++", 0), ("rff", 0)])
+def test_default_window_follows_what_the_feature_map_allows(feature_map, window, word_tokenizer):
+    assert LinearizeArguments(feature_map=feature_map).window_size == window
+    assert LinearizeArguments(feature_map=feature_map, window_size=0).window_size == 0
+    model = tiny_bert(word_tokenizer)  # and the resolved value is one the attention accepts
+    prepare_model_for_performer_attention(model, feature_map=feature_map, window_size=window or None)
+    batch = word_tokenizer(["a b c", "d"], padding=True, return_tensors="pt")
+    assert torch.isfinite(model(**batch).last_hidden_state).all()
+
+
+def test_nothing_to_transfer_skips_the_stage(tmp_path, word_tokenizer):
+    result = linearize(tiny_bert(word_tokenizer), word_tokenizer, feature_map="favor+", transfer_steps=5,
+                       distill_steps=2, data_args=SMALL_DATA, training_args=training_args(tmp_path), **FAST)
+    assert "transfer" not in result.log_history and "+ attention transfer" not in result.metrics
+    assert len(_losses(result.log_history["distill"])) == 2
 
 
 # -- pieces -------------------------------------------------------------------------------------------------------
@@ -278,6 +300,8 @@ def test_sentences_of_the_embedded_corpus_are_prose():
     ({"transfer_steps": -2}, "transfer_steps"),
     ({"feature_map_kwargs": "{not json"}, "feature_map_kwargs"),
     ({"nb_features": 0}, "nb_features"),
+    ({"window_size": -1}, "window_size"),
+    ({"feature_map": "favor+", "window_size": 8}, "window_size"),
 ])
 def test_bad_options_name_the_field(options, message):
     with pytest.raises(ValueError, match=message):
