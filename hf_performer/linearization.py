@@ -106,7 +106,7 @@ class LinearizeArguments:
                                "off, since the student matches a deterministic teacher; the saved config keeps it)."})
     convert_natively: bool = field(default=True, metadata={"help": "Save Llama-family decoders as PerformerForCausalLM."})
     eval_every: int = field(default=0, metadata={"help": "> 0: evaluate every this many steps of each stage "
-                            "(written to quality_curve.json, for plots of quality against training tokens)."})
+                            "(the curve in linearize_results.json, for plots of quality against training tokens)."})
     max_eval_samples: int = field(default=256, metadata={"help": "Held-out sentences / blocks to evaluate on."})
 
     def __post_init__(self):
@@ -178,6 +178,7 @@ class LinearizeResult:
     metrics: dict[str, dict[str, float]]
     curve: list[dict[str, Any]]
     log_history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per stage, Trainer's logs
+    seconds: float = 0.0  # wall time of conversion and training, evaluations not counted
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,17 +456,18 @@ def evaluate(student, teacher, kind, examples, collator, teacher_reference=None)
 
 
 class QualityCurveCallback(TrainerCallback):
-    """Evaluates every ``every`` steps and records (stage, step, tokens seen, metrics)."""
+    """Evaluates every ``every`` steps and records (stage, step, tokens seen, training seconds, metrics)."""
 
-    def __init__(self, stage, every, measure, tokens_per_step, curve, offset_tokens=0):
+    def __init__(self, stage, every, measure, tokens_per_step, curve, offset_tokens=0, clock=None):
         self.stage, self.every, self.measure, self.curve = stage, every, measure, curve
-        self.tokens_per_step, self.offset_tokens = tokens_per_step, offset_tokens
+        self.tokens_per_step, self.offset_tokens, self.clock = tokens_per_step, offset_tokens, clock
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0:
+            seconds = self.clock() if self.clock is not None else None
             self.curve.append({"stage": self.stage, "step": state.global_step,
                                "tokens": self.offset_tokens + state.global_step * self.tokens_per_step,
-                               **self.measure()})
+                               "seconds": seconds, **self.measure()})
             model.train()
 
 
@@ -535,6 +537,11 @@ def linearize(
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else getattr(model.config, "pad_token_id", None)
     collator = _Collator(pad)
 
+    started, evaluating = time.perf_counter(), [0.0]
+
+    def training_seconds() -> float:
+        return time.perf_counter() - started - evaluating[0]
+
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model)
     restore_dropout = (lambda: None) if args.keep_dropout else _disable_dropout(student)
@@ -542,11 +549,14 @@ def linearize(
         student, feature_map=args.feature_map, nb_features=args.nb_features, feature_seed=args.feature_seed,
         feature_map_kwargs=args.feature_map_kwargs, window_size=args.window_size or None,
     )
+    began = time.perf_counter()
     teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
+    evaluating[0] += time.perf_counter() - began
 
     def measure() -> dict[str, float]:
         """The student as it will run: kernel attention, also when called mid-transfer (the transfer function
         returns the softmax output, which would measure the teacher)."""
+        began = time.perf_counter()
         transferring = student.config._attn_implementation == TRANSFER_IMPLEMENTATION
         if transferring:
             student.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -555,10 +565,12 @@ def linearize(
         finally:
             if transferring:
                 student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
+            evaluating[0] += time.perf_counter() - began
 
     metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference),
                "kernel attention, no training": measure()}
-    curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, **metrics["kernel attention, no training"]}]
+    curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, "seconds": training_seconds(),
+                                    **metrics["kernel attention, no training"]}]
     tokens_per_step = _tokens_per_step(train_dataset, training_args)
     tokens = 0
     history: dict[str, list] = {}
@@ -575,7 +587,8 @@ def linearize(
         trainer = AttentionTransferTrainer(model=student, args=stage_args, train_dataset=train_dataset,
                                            data_collator=collator)
         if args.eval_every:
-            trainer.add_callback(QualityCurveCallback("transfer", args.eval_every, measure, tokens_per_step, curve))
+            trainer.add_callback(QualityCurveCallback("transfer", args.eval_every, measure, tokens_per_step, curve,
+                                                      clock=training_seconds))
         trainer.train(resume_from_checkpoint=_resume(stage_args))
         history["transfer"] = trainer.state.log_history
         student.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -597,7 +610,7 @@ def linearize(
                                       lm_loss_weight=args.lm_loss_weight)
         if args.eval_every:
             trainer.add_callback(QualityCurveCallback("distill", args.eval_every, measure, tokens_per_step, curve,
-                                                      offset_tokens=tokens))
+                                                      offset_tokens=tokens, clock=training_seconds))
         trainer.train(resume_from_checkpoint=_resume(stage_args))
         history["distill"] = trainer.state.log_history
         if args.lora_r:
@@ -609,7 +622,7 @@ def linearize(
     final = student
     if kind == "causal_lm" and args.convert_natively and converts_natively(student.config):
         final = convert_llama_to_performer(student)
-    result = LinearizeResult(final, teacher, metrics, curve, history)
+    result = LinearizeResult(final, teacher, metrics, curve, history, seconds=training_seconds())
     if output_dir:
         save_linearized(final, output_dir, tokenizer)
         _write_report(Path(output_dir), result, kind, args)
@@ -701,7 +714,8 @@ def _copy_package_code(output: Path) -> None:
 
 def _write_report(output: Path, result: LinearizeResult, kind: str, args: LinearizeArguments) -> None:
     (output / "linearize_results.json").write_text(json.dumps(
-        {"kind": kind, "options": dataclasses.asdict(args), "metrics": result.metrics, "curve": result.curve},
+        {"kind": kind, "options": dataclasses.asdict(args), "metrics": result.metrics, "curve": result.curve,
+         "training_seconds": result.seconds},
         indent=2, default=str) + "\n")
 
 
@@ -758,7 +772,8 @@ def main(argv: list[str] | None = None) -> LinearizeResult:
     result = linearize(model, tokenizer, args=args, data_args=data_args, training_args=training_args,
                        output_dir=training_args.output_dir)
     print(results_table(result.metrics))
-    print(f"{time.perf_counter() - started:.0f} s; saved to {training_args.output_dir}")
+    print(f"{time.perf_counter() - started:.0f} s ({result.seconds:.0f} s converting and training, the rest "
+          f"evaluating); saved to {training_args.output_dir}")
     return result
 
 

