@@ -221,6 +221,30 @@ def test_dropout_is_off_while_training_and_restored_after(tmp_path, word_tokeniz
     assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_dropout_prob"] == 0.1
 
 
+def test_gpt2_keeps_its_class_and_generates_what_its_uncached_forward_predicts(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    out = tmp_path / "gpt2"
+    result = linearize(model, tokenizer, transfer_steps=4, distill_steps=4, data_args=SMALL_DATA,
+                       training_args=training_args(tmp_path), output_dir=str(out), **FAST)
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "GPT2LMHeadModel" and loaded.config._attn_implementation == "performer"
+    assert loaded.config.performer_window_size == DEFAULT_WINDOW_SIZE  # hedgehog's default: the hybrid
+    ids = torch.tensor([tokenizer("def f(x): return x")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=0, rtol=0)
+        generated = loaded.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)  # the host's KV cache
+        sequence = ids
+        for _ in range(12):  # greedy decoding by full forward passes, no cache
+            next_id = loaded(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_id], dim=1)
+    assert torch.equal(generated, sequence)
+
+
 def test_lora_distillation_merges_the_adapters(tmp_path, word_tokenizer):
     model = tiny_bert(word_tokenizer)
     result = linearize(model, word_tokenizer, feature_map="hedgehog", transfer_steps=0, distill_steps=6, lora_r=4,
