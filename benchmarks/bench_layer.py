@@ -32,7 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import RESULTS, fmt, machine_line, markdown_table, matmul_rate, measure, run_worker, worker_main  # noqa
+from common import (  # noqa: E402
+    RESULTS,
+    BusyCore,
+    fmt,
+    machine_line,
+    markdown_table,
+    matmul_rate,
+    measure,
+    run_worker,
+    worker_main,
+)
 
 HIDDEN, HEADS, FEATURES, FFN = 512, 8, 128, 1024
 METHODS = ("performer", "llama-sdpa", "llama-identity", "performer-pytorch", "llama-identity-qk")
@@ -104,78 +114,121 @@ def worker(args: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N up to 4096")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts, each measured in turn (default: 1 and torch's default)")
+    parser.add_argument("--busy-core", type=int, default=None,
+                        help="also measure the default thread count with a busy-loop process pinned to this core")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--max-pp", type=int, default=4096, help="longest N for performer-pytorch")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timed repeats per cell")
     parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
+    parser.add_argument("--output", default="bench_layer", help="results name under benchmarks/results/")
     parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved .json; run nothing")
     opts = parser.parse_args()
+    stem = RESULTS / opts.output
     if opts.replot:
-        plot(json.loads((RESULTS / "bench_layer.json").read_text()), RESULTS / "bench_layer.png")
+        plot(json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".png"))
         return
     import torch
 
-    opts.threads = opts.threads or torch.get_num_threads()
+    default_threads = torch.get_num_threads()
+    thread_counts = opts.threads or sorted({1, default_threads})
     lengths = [1024, 2048, 4096] + ([] if opts.quick else [8192, 16384])
-    rate = matmul_rate(opts.threads)
-    results = {"machine": machine_line(opts.threads, rate), "rows": {}}
-    print(results["machine"], file=sys.stderr)
-    results["rows"] = {n: {} for n in lengths}
-    for method in METHODS:
-        cells = [{"length": n, "label": f"{method} N={n}"} for n in lengths
-                 if method != "performer-pytorch" or n <= opts.max_pp]
-        print(f"  {method}:", file=sys.stderr, flush=True)
-        measured = run_worker(__file__, dict(method=method, threads=opts.threads, budget_s=opts.budget,
-                                             max_reps=opts.reps), cells)
-        for n in lengths:
-            results["rows"][n][method] = None
-        for cell, result in zip(cells, measured):
-            results["rows"][cell["length"]][method] = result
+    settings = [(f"{t} thread{'s' if t > 1 else ''}", t, None) for t in thread_counts]
+    if opts.busy_core is not None:
+        settings.append((f"{default_threads} threads, core {opts.busy_core} busy", default_threads, opts.busy_core))
+    results = {"settings": {}}
+    for name, threads, busy in settings:
+        rate = matmul_rate(threads)
+        setting = {"machine": machine_line(threads, rate), "threads": threads, "busy_core": busy,
+                   "rows": {n: {m: None for m in METHODS} for n in lengths}}
+        print(f"{name}: {setting['machine']}", file=sys.stderr)
+        with BusyCore(busy):
+            for method in opts.methods:
+                cells = [{"length": n, "label": f"{method} N={n}"} for n in lengths
+                         if method != "performer-pytorch" or n <= opts.max_pp]
+                print(f"  {method}:", file=sys.stderr, flush=True)
+                measured = run_worker(__file__, dict(method=method, threads=threads, budget_s=opts.budget,
+                                                     max_reps=opts.reps), cells)
+                for cell, result in zip(cells, measured):
+                    setting["rows"][cell["length"]][method] = result
+        results["settings"][name] = setting
     report = render(results, opts)
     print(report)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_layer.md").write_text(report + "\n")
-    (RESULTS / "bench_layer.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, RESULTS / "bench_layer.png")
+    stem.with_suffix(".md").write_text(report + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, stem.with_suffix(".png"))
+
+
+def _settings(results) -> dict:
+    """{name: setting}; files written before thread counts were measured side by side hold one setting."""
+    return results["settings"] if "settings" in results else {"": results}
+
+
+def _times(row):
+    return {m: (None if row.get(m) is None else row[m]["min_s"]) for m in METHODS}
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
 
 
 def render(results, opts) -> str:
-    def t(result):
-        return None if result is None else result["min_s"]
-
-    def div(a, b):
-        return None if a is None or b is None else a / b
-
-    rows = []
-    for length, row in results["rows"].items():
-        perf, sdpa, ident, pp, ident_qk = (t(row.get(m)) for m in METHODS)
-        rows.append([
-            length, fmt(None if perf is None else 1e3 * perf), fmt(None if sdpa is None else 1e3 * sdpa),
-            fmt(None if ident is None else 1e3 * ident), fmt(None if ident_qk is None else 1e3 * ident_qk),
-            fmt(None if pp is None else 1e3 * pp),
-            fmt(div(sdpa, perf), ".2f"), fmt(div(perf, ident), ".2f"), fmt(div(perf, ident_qk), ".2f"),
-            fmt(div(sdpa, ident), ".2f"),
-            fmt(div(pp, sdpa), ".2f"),
-            fmt(None if row["performer"] is None else row["performer"]["growth_bytes"] / 2**20),
-            fmt(None if row["llama-sdpa"] is None else row["llama-sdpa"]["growth_bytes"] / 2**20),
-            fmt(None if row["performer-pytorch"] is None else row["performer-pytorch"]["growth_bytes"] / 2**20),
-        ])
-    command = "python benchmarks/bench_layer.py" + (" --quick" if opts.quick else "")
-    return "\n".join([
-        f"# One causal layer, forward + backward (`{command}`)",
-        "",
-        results["machine"] + ".",
-        f"Hidden {HIDDEN}, {HEADS} heads, {FEATURES} features, FFN {FFN} (GLU), batch 1, fp32; best of repeats, ms; "
-        "memory: growth of resident memory over one forward + backward, MiB.",
-        "",
-        markdown_table(
+    settings = _settings(results)
+    command = "python benchmarks/bench_layer.py" + (" --quick" if opts.quick else "") + (
+        f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "")
+    parts = [f"# One causal layer, forward + backward (`{command}`)", "",
+             f"Hidden {HIDDEN}, {HEADS} heads, {FEATURES} features, FFN {FFN} (GLU), batch 1, fp32; best of repeats, "
+             "ms; memory: growth of resident memory over one forward + backward, MiB.", ""]
+    # the targets' ratios, one column per setting
+    names = list(settings)
+    summary = []
+    for length in next(iter(settings.values()))["rows"]:
+        cells = [length]
+        for name in names:
+            t = _times(settings[name]["rows"][length])
+            cells += [fmt(_ratio(t["llama-sdpa"], t["performer"]), ".2f"),
+                      fmt(_ratio(t["performer"], t["llama-identity-qk"]), ".2f")]
+        summary.append(cells)
+    headers = ["N"] + [f"{label} ({name})" for name in names for label in ("SDPA / Performer", "Performer / identity-qk")]
+    parts += ["Side by side (time ratios within each setting):", "", markdown_table(headers, summary), ""]
+    first = next(iter(settings.values()))["rows"]
+    scaling = []
+    for name in names:
+        rows = settings[name]["rows"]
+        perf = {n: _times(r)["performer"] for n, r in rows.items()}
+        long, short = max(perf), 4096 if 4096 in perf else None
+        scaling.append([name or "—", fmt(_ratio(perf[long], perf.get(short)) if short else None, ".2f"),
+                        fmt(1e3 * perf[long] if perf[long] else None)])
+    if len(first) > 3:
+        parts += [f"Performer time({max(first)}) / time(4096) (linear: {max(first) // 4096}):", "",
+                  markdown_table(["setting", "ratio", f"ms at {max(first)}"], scaling), ""]
+    busy = [n for n in names if settings[n]["busy_core"] is not None]
+    quiet = [n for n in names if settings[n]["busy_core"] is None and settings[n]["threads"] == settings[busy[0]]["threads"]] if busy else []
+    if busy and quiet:
+        rows = []
+        for length in first:
+            t_busy, t_quiet = _times(settings[busy[0]]["rows"][length]), _times(settings[quiet[0]]["rows"][length])
+            rows.append([length] + [fmt(_ratio(t_busy[m], t_quiet[m]), ".2f") for m in ("performer", "llama-sdpa")])
+        parts += [f"Contention: time with a busy-loop process on one core / quiet time ({busy[0]}):", "",
+                  markdown_table(["N", "Performer", "Llama SDPA"], rows), ""]
+    for name, setting in settings.items():
+        rows = []
+        for length, row in setting["rows"].items():
+            t = _times(row)
+            perf, sdpa, ident, pp, ident_qk = (t[m] for m in METHODS)
+            ms = lambda value: fmt(None if value is None else 1e3 * value)  # noqa: E731
+            mib = lambda m: fmt(None if row.get(m) is None else row[m]["growth_bytes"] / 2**20)  # noqa: E731
+            rows.append([length, ms(perf), ms(sdpa), ms(ident), ms(ident_qk), ms(pp),
+                         fmt(_ratio(sdpa, perf), ".2f"), fmt(_ratio(perf, ident), ".2f"),
+                         fmt(_ratio(perf, ident_qk), ".2f"), fmt(_ratio(sdpa, ident), ".2f"),
+                         fmt(_ratio(pp, sdpa), ".2f"), mib("performer"), mib("llama-sdpa"), mib("performer-pytorch")])
+        parts += [f"## {name}" if name else "", "", setting["machine"] + ".", "", markdown_table(
             ["N", "Performer ms", "Llama SDPA ms", "Llama identity ms", "identity keeping q, k ms",
              "performer-pytorch ms", "SDPA / Performer", "Performer / identity", "Performer / identity keeping q, k",
-             "SDPA / identity",  "perf-pt / SDPA",
-             "Performer MiB", "Llama SDPA MiB", "perf-pt MiB"],
-            rows,
-        ),
-    ])
+             "SDPA / identity", "perf-pt / SDPA", "Performer MiB", "Llama SDPA MiB", "perf-pt MiB"], rows), ""]
+    return "\n".join(parts)
 
 
 def plot(results, path: Path) -> None:
@@ -191,14 +244,26 @@ def plot(results, path: Path) -> None:
         "llama-identity-qk": "Llama layer, identity attention keeping q, k",
         "performer-pytorch": "performer-pytorch layer",
     }
+    settings = _settings(results)
+    quiet = [n for n, s in settings.items() if s.get("busy_core") is None]
+    main_name = max(quiet, key=lambda n: settings[n].get("threads", 0))  # the default thread count, quiet
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    colors = {}
     for method in METHODS:
-        points = [(int(n), row[method]) for n, row in results["rows"].items() if row[method] is not None]
+        points = [(int(n), row[method]) for n, row in settings[main_name]["rows"].items() if row[method] is not None]
         if not points:
             continue
         xs = [n for n, _ in points]
-        axes[0].plot(xs, [r["min_s"] for _, r in points], "o-", label=names.get(method, method))
-        axes[1].plot(xs, [r["growth_bytes"] / 2**20 for _, r in points], "o-", label=names.get(method, method))
+        label = names.get(method, method) + (f" ({main_name})" if main_name else "")
+        line, = axes[0].plot(xs, [r["min_s"] for _, r in points], "o-", label=label)
+        colors[method] = line.get_color()
+        axes[1].plot(xs, [r["growth_bytes"] / 2**20 for _, r in points], "o-", color=line.get_color(), label=label)
+    for name, style in zip([n for n in settings if n != main_name], ("--", ":", "-.")):
+        for method in ("performer", "llama-sdpa"):  # the other settings: the two that the targets compare
+            points = [(int(n), row[method]) for n, row in settings[name]["rows"].items() if row.get(method)]
+            if points and method in colors:
+                axes[0].plot([n for n, _ in points], [r["min_s"] for _, r in points], style, marker=".",
+                             color=colors[method], label=f"{names[method]} ({name})")
     ylabels = ("forward + backward, s", "memory the step adds, MiB")
     for ax, ylabel in zip(axes, ylabels):
         ax.set_xscale("log", base=2)
