@@ -183,7 +183,14 @@ def main():
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed repeats per cell")
     parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
     parser.add_argument("--replot", action="store_true", help="redraw the .png from the saved .json; run nothing")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="only the causal FAVOR+ op and causal SDPA at 1 thread, torch's default and (with "
+                             "--busy-core) the default beside a busy core: results/bench_attention_threads.*")
+    parser.add_argument("--busy-core", type=int, default=None, help="with --side-by-side: the core to keep busy")
     opts = parser.parse_args()
+    if opts.side_by_side:
+        side_by_side(opts)
+        return
     if opts.replot:
         plot(json.loads((RESULTS / "bench_attention.json").read_text()), RESULTS / "bench_attention.png")
         return
@@ -237,6 +244,52 @@ def main():
     (RESULTS / "bench_attention.md").write_text(report + "\n")
     (RESULTS / "bench_attention.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     plot(results, RESULTS / "bench_attention.png")
+
+
+def side_by_side(opts) -> None:
+    """What the causal layer runs (``ours+features``) and causal SDPA, N = 1024 ... 16384, per thread setting."""
+    import torch
+
+    from common import BusyCore
+
+    default = torch.get_num_threads()
+    lengths = [1024, 2048, 4096] + ([] if opts.quick else [8192, 16384])
+    settings = [(f"{t} thread{'s' if t > 1 else ''}", t, None) for t in sorted({1, default})]
+    if opts.busy_core is not None:
+        settings.append((f"{default} threads, core {opts.busy_core} busy", default, opts.busy_core))
+    results = {}
+    for name, threads, busy in settings:
+        opts.threads = threads
+        results[name] = {"machine": machine_line(threads, matmul_rate(threads)), "rows": {n: {} for n in lengths}}
+        print(name, file=sys.stderr)
+        with BusyCore(busy):
+            for method in ("ours+features", "sdpa"):
+                for cell, result in zip(lengths, row(method, True, [{"length": n} for n in lengths], opts)):
+                    results[name]["rows"][cell][method] = result
+    names = list(results)
+    table = [[n] + [cell for name in names for cell in (
+        fmt(ms(results[name]["rows"][n]["ours+features"]), ".1f"), fmt(ms(results[name]["rows"][n]["sdpa"]), ".1f"),
+        fmt(ratio(results[name]["rows"][n]["ours+features"], results[name]["rows"][n]["sdpa"]), ".2f"))]
+        for n in lengths]
+    headers = ["N"] + [f"{label} ({name})" for name in names for label in ("ours ms", "SDPA ms", "SDPA / ours")]
+    command = "python benchmarks/bench_attention.py --side-by-side" + (" --quick" if opts.quick else "") + (
+        f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "")
+    parts = [f"# Causal FAVOR+ op against causal SDPA, per thread setting (`{command}`)", "",
+             f"B={BATCH}, H={HEADS}, m={FEATURES}, d={HEAD_DIM}, fp32, forward + backward, best of repeats. ours: "
+             "`ops.causal_exp_attention` (features computed inside, as a layer runs it).", "",
+             *[f"* {name}: {results[name]['machine']}" for name in names], "", markdown_table(headers, table)]
+    quiet = [n for n in names if "busy" not in n and results[n]["machine"] and n.startswith(f"{default} ")]
+    busy = [n for n in names if "busy" in n]
+    if quiet and busy:
+        contention = [[n] + [fmt(ratio(results[quiet[0]]["rows"][n][m], results[busy[0]]["rows"][n][m]), ".2f")
+                             for m in ("ours+features", "sdpa")] for n in lengths]
+        parts += ["", f"Busy / quiet time at {default} threads:", "",
+                  markdown_table(["N", "ours", "SDPA"], contention)]
+    report = "\n".join(parts)
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_attention_threads.md").write_text(report + "\n")
+    (RESULTS / "bench_attention_threads.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 def ms(result, key="min_s"):
