@@ -295,3 +295,19 @@ def test_hybrid_cache_is_constant_in_context_length():
     model = seeded_lm(feature_map="relu", hybrid_window_size=5)
     sizes = [model(torch.randint(3, 97, (1, n)), use_cache=True).past_key_values.nbytes() for n in (8, 64, 256)]
     assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_step_fused_qkv_projection_matches_and_follows_weight_updates(bias):
+    model = seeded_lm(attention_bias=bias, num_key_value_heads=1).eval()
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(3, 1, model.config.hidden_size)
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    with torch.no_grad():
+        for got, projection in zip(attention._fused_qkv(x), projections):
+            torch.testing.assert_close(got, projection(x), atol=1e-6, rtol=1e-5)
+        attention.k_proj.weight.add_(0.5)  # an in-place update (as an optimizer step does) is seen
+        attention.v_proj.weight = torch.nn.Parameter(torch.randn_like(attention.v_proj.weight))  # and a new tensor
+        for got, projection in zip(attention._fused_qkv(x), projections):
+            torch.testing.assert_close(got, projection(x), atol=1e-6, rtol=1e-5)
+    assert "_qkv_cache" not in model.state_dict() and not any("qkv" in name for name in model.state_dict())
