@@ -297,17 +297,33 @@ def test_hybrid_cache_is_constant_in_context_length():
     assert sizes[0] == sizes[1] == sizes[2] > 0
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_decode_step_fused_qkv_projection_matches_and_follows_weight_updates(bias):
-    model = seeded_lm(attention_bias=bias, num_key_value_heads=1).eval()
-    attention = model.model.layers[0].self_attn
-    x = torch.randn(3, 1, model.config.hidden_size)
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+def test_optimize_for_decoding_relays_weights_without_changing_what_the_model_computes(tmp_path):
+    model = seeded_lm(attention_bias=True, num_key_value_heads=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
     with torch.no_grad():
-        for got, projection in zip(attention._fused_qkv(x), projections):
-            torch.testing.assert_close(got, projection(x), atol=1e-6, rtol=1e-5)
-        attention.k_proj.weight.add_(0.5)  # an in-place update (as an optimizer step does) is seen
-        attention.v_proj.weight = torch.nn.Parameter(torch.randn_like(attention.v_proj.weight))  # and a new tensor
-        for got, projection in zip(attention._fused_qkv(x), projections):
-            torch.testing.assert_close(got, projection(x), atol=1e-6, rtol=1e-5)
-    assert "_qkv_cache" not in model.state_dict() and not any("qkv" in name for name in model.state_dict())
+        expected = model(ids).logits
+    expected_tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert model.optimize_for_decoding() is model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())  # the same numbers
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=8, do_sample=False), expected_tokens)
+
+    model.save_pretrained(tmp_path)  # written in the usual layout, the model keeps its own
+    assert all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    loaded = PerformerForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(m.weight.is_contiguous() for m in loaded.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    model.train()  # it still trains
+    model(ids, labels=ids).loss.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.shape == m.weight.shape for m in linears)
+    model.optimize_for_decoding(False)
+    assert all(m.weight.is_contiguous() for m in linears)
+    assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())
