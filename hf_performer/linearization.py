@@ -148,8 +148,9 @@ def accepts_window(feature_map: str, feature_map_kwargs: dict | None = None) -> 
     from .feature_maps import FEATURE_MAPS, build_feature_map
 
     heads = 1 if FEATURE_MAPS[feature_map].per_head else None
+    built = build_feature_map(feature_map, 8, options=feature_map_kwargs, num_heads=heads)  # bad options raise
     try:
-        check_hybrid_feature_map(build_feature_map(feature_map, 8, options=feature_map_kwargs, num_heads=heads))
+        check_hybrid_feature_map(built)
     except ValueError:
         return False
     return True
@@ -547,7 +548,7 @@ def linearize(
     restore_dropout = (lambda: None) if args.keep_dropout else _disable_dropout(student)
     prepare_model_for_performer_attention(
         student, feature_map=args.feature_map, nb_features=args.nb_features, feature_seed=args.feature_seed,
-        feature_map_kwargs=args.feature_map_kwargs, window_size=args.window_size or None,
+        feature_map_kwargs=args.feature_map_kwargs, window_size=args.window_size,  # 0 overrides a saved window
     )
     began = time.perf_counter()
     teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
@@ -567,8 +568,10 @@ def linearize(
                 student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
             evaluating[0] += time.perf_counter() - began
 
-    metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference),
-               "kernel attention, no training": measure()}
+    began = time.perf_counter()
+    metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference)}
+    evaluating[0] += time.perf_counter() - began
+    metrics["kernel attention, no training"] = measure()
     curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, "seconds": training_seconds(),
                                     **metrics["kernel attention, no training"]}]
     tokens_per_step = _tokens_per_step(train_dataset, training_args)
@@ -630,22 +633,28 @@ def linearize(
 
 
 def _disable_dropout(model: nn.Module):
-    """Dropout modules to p=0 (the attention functions read the module's rate too) for training against a
-    deterministic teacher; returns a function that puts every rate back (config.json is never touched)."""
+    """Dropout to 0 for training against a deterministic teacher: ``nn.Dropout`` modules, and the rates modules
+    keep as plain floats for ``F.dropout`` (``attention_dropout``, OPT's and BART's ``dropout`` /
+    ``activation_dropout``, ``layerdrop``). Returns a function that puts every rate back; config.json is never
+    touched."""
     saved = []
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             saved.append((module, "p", module.p))
             module.p = 0.0
-        elif dispatches_attention(module) and isinstance(getattr(module, "attention_dropout", None), float):
-            saved.append((module, "attention_dropout", module.attention_dropout))  # Llama keeps a float rate
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and not isinstance(value, bool) and name.endswith(_DROPOUT_SUFFIXES):
+                saved.append((module, name, value))
+                setattr(module, name, 0.0)
 
     def restore():
         for module, name, value in saved:
             setattr(module, name, value)
 
     return restore
+
+
+_DROPOUT_SUFFIXES = ("dropout", "dropout_prob", "dropout_rate", "layerdrop")
 
 
 def _tokens_per_step(dataset, training_args) -> int:
@@ -756,6 +765,24 @@ CLI_TRAINING_DEFAULTS = dict(per_device_train_batch_size=16, learning_rate=1e-4,
                              save_strategy="no", report_to="none", lr_scheduler_type="cosine", warmup_steps=10)
 
 
+def _given_options(parser, argv: list[str]) -> set[str]:
+    """The destinations of the options on ``argv``, however spelled (``--num_train_epochs``, ``--num-train-epochs``,
+    an unambiguous prefix, ``--flag=value``)."""
+    actions = parser._option_string_actions  # option string -> action (argparse has no public mapping)
+    given = set()
+    for token in argv:
+        if not token.startswith("-") or token == "-":
+            continue
+        key = token.split("=", 1)[0]
+        action = actions.get(key)
+        if action is None:
+            matches = {id(a): a for option, a in actions.items() if option.startswith(key)}
+            action = next(iter(matches.values())) if len(matches) == 1 else None
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
 def main(argv: list[str] | None = None) -> LinearizeResult:
     from transformers import HfArgumentParser
 
@@ -763,8 +790,8 @@ def main(argv: list[str] | None = None) -> LinearizeResult:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser.set_defaults(**CLI_TRAINING_DEFAULTS)
     args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    given = {a.split("=")[0] for a in argv}
-    if "--num_train_epochs" in given and "--max_steps" not in given and "--distill_steps" not in given:
+    given = _given_options(parser, argv)
+    if "num_train_epochs" in given and "max_steps" not in given and "distill_steps" not in given:
         args.distill_steps = -1  # the user asked for epochs of stage 2
     model, tokenizer, kind = _load(args)
     args.model_kind = kind

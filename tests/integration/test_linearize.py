@@ -245,6 +245,65 @@ def test_gpt2_keeps_its_class_and_generates_what_its_uncached_forward_predicts(t
     assert torch.equal(generated, sequence)
 
 
+def test_dropout_kept_as_plain_float_rates_is_disabled_too():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from hf_performer.linearization import _disable_dropout
+
+    torch.manual_seed(0)  # OPT applies its residual / activation dropout with F.dropout on float attributes
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                     dropout=0.3, activation_dropout=0.3, attention_dropout=0.3)).train()
+    ids = torch.randint(0, 64, (2, 12))
+    restore = _disable_dropout(model)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, atol=0, rtol=0)  # deterministic
+    restore()
+    assert model.model.decoder.layers[0].dropout == 0.3
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # and random again
+
+
+def test_training_seconds_leave_every_evaluation_out(tmp_path, word_tokenizer, monkeypatch):
+    import time
+
+    import hf_performer.linearization as linearization
+
+    real = linearization.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linearization, "evaluate", slow)
+    result = linearize(tiny_bert(word_tokenizer), word_tokenizer, feature_map="favor+", transfer_steps=0,
+                       distill_steps=0, data_args=SMALL_DATA, training_args=training_args(tmp_path), **FAST)
+    assert result.seconds < 0.5 and result.curve[0]["seconds"] < 0.5  # two evaluations, 1 s, not counted
+
+
+def test_window_size_zero_overrides_a_window_the_model_already_has(tmp_path, word_tokenizer):
+    model = tiny_bert(word_tokenizer)
+    prepare_model_for_performer_attention(model, feature_map="hedgehog", window_size=8)  # e.g. an earlier run
+    model.set_attn_implementation("sdpa")
+    result = linearize(model, word_tokenizer, feature_map="favor+", window_size=0, transfer_steps=0,
+                       distill_steps=1, data_args=SMALL_DATA, training_args=training_args(tmp_path), **FAST)
+    assert result.model.config.performer_window_size == 0
+    assert not any("window_factor" in name for name, _ in result.model.named_parameters())
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--num_train_epochs", "2"], {"num_train_epochs"}),
+    (["--num-train-epochs", "2"], {"num_train_epochs"}),
+    (["--num_train_epochs=2", "--distill-steps", "5"], {"num_train_epochs", "distill_steps"}),
+    (["--max_steps", "3", "--window_size", "0"], {"max_steps", "window_size"}),
+])
+def test_command_line_options_are_recognised_however_spelled(argv, expected):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_performer.linearization import _given_options
+
+    parser = HfArgumentParser((LinearizeArguments, DataArguments, TrainingArguments))
+    assert _given_options(parser, argv) == expected
+
+
 def test_lora_distillation_merges_the_adapters(tmp_path, word_tokenizer):
     model = tiny_bert(word_tokenizer)
     result = linearize(model, word_tokenizer, feature_map="hedgehog", transfer_steps=0, distill_steps=6, lora_r=4,
@@ -326,6 +385,7 @@ def test_sentences_of_the_embedded_corpus_are_prose():
     ({"nb_features": 0}, "nb_features"),
     ({"window_size": -1}, "window_size"),
     ({"feature_map": "favor+", "window_size": 8}, "window_size"),
+    ({"feature_map": "generalized", "feature_map_kwargs": '{"kernel_fn": "nope"}'}, "kernel_fn"),
 ])
 def test_bad_options_name_the_field(options, message):
     with pytest.raises(ValueError, match=message):
