@@ -13,7 +13,9 @@ progress bars work as in any fine-tune):
    the host's softmax attention *and* kernel attention on the same q, k, v; the softmax output goes on, so each
    layer sees the teacher's inputs, and the kernel output is trained to match it (relative MSE over real tokens).
    Only the attention's own parameters train (learned feature maps such as ``hedgehog``, the hybrid's window
-   factors); maps with nothing to learn (``favor+``, ``relu``, ``taylor``) skip this stage.
+   factors); maps with nothing to learn (``favor+``, ``relu``, ``taylor``) skip this stage, unless
+   ``transfer_attention_weights`` trains the attention modules' projections too (layer by layer against the
+   frozen original, each layer fed the original's input: ``LayerwiseTransferTrainer``).
 2. End-to-end distillation from a frozen copy of the original model: KL of the next-token distribution for causal
    LMs (plus ``lm_loss_weight`` times the usual LM loss), hidden-state MSE plus (1 - cosine) of the mean-pooled
    sentence embedding for encoders. Every weight trains, or LoRA adapters (``lora_r > 0``, through ``peft``;
@@ -94,6 +96,11 @@ class LinearizeArguments:
     feature_seed: int = field(default=0, metadata={"help": "Seed of random feature projections."})
     transfer_steps: int = field(default=200, metadata={"help": "Stage 1 (attention transfer) optimizer steps; 0 skips it."})
     transfer_learning_rate: float = field(default=1e-2, metadata={"help": "Stage 1 learning rate."})
+    transfer_attention_weights: bool = field(default=False, metadata={"help": "Stage 1 also trains every attention "
+                                             "module's own weights (q, k, v, o projections), layer by layer against "
+                                             "the frozen original's attention output on the same input; lets maps "
+                                             "with nothing to learn (favor+, relu) transfer too (try a learning "
+                                             "rate near 2e-3)."})
     distill_steps: int = field(default=100, metadata={"help": "Stage 2 steps when neither --max_steps nor "
                                "--num_train_epochs is given; 0 skips stage 2, -1 runs --num_train_epochs."})
     lm_loss_weight: float = field(default=0.0, metadata={"help": "Causal LMs: weight of the LM loss next to the KL."})
@@ -343,6 +350,71 @@ class AttentionTransferTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class LayerwiseTransferTrainer(Trainer):
+    """Stage 1 with the attention modules' own weights trainable (``transfer_attention_weights``; T2R, arXiv
+    2103.13076, and ``examples/performerize.py``): the shared-q, k transfer above cannot train the projections (its
+    softmax target would move with them), so the frozen teacher runs first and each of its attention modules'
+    input and output are recorded; each student module is fed the teacher's input (layers train independently,
+    errors do not compound) and its output is matched to the teacher's: relative MSE over real tokens, mean over
+    layers."""
+
+    def __init__(self, *args, teacher: nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False)
+        teacher_modules = [m for m in teacher.modules() if dispatches_attention(m)]
+        student_modules = _attention_modules(self.model)
+        if len(teacher_modules) != len(student_modules) or not student_modules:
+            raise ValueError(f"teacher and student attention modules do not pair up ({len(teacher_modules)} vs "
+                             f"{len(student_modules)})")
+        self.pairs = list(zip(teacher_modules, student_modules))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.teacher.to(self.args.device)
+        teacher_inputs, targets, outputs = {}, {}, {}
+
+        def record_input(i):
+            def hook(module, args, kwargs):
+                teacher_inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+            return hook
+
+        def replace_input(i):
+            def hook(module, args, kwargs):
+                if args:
+                    return (teacher_inputs[i], *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": teacher_inputs[i]}
+            return hook
+
+        def record_output(store, i):
+            def hook(module, args, output):
+                store[i] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        handles = []
+        for i, (teacher_module, student_module) in enumerate(self.pairs):
+            handles += [teacher_module.register_forward_pre_hook(record_input(i), with_kwargs=True),
+                        teacher_module.register_forward_hook(record_output(targets, i)),
+                        student_module.register_forward_pre_hook(replace_input(i), with_kwargs=True),
+                        student_module.register_forward_hook(record_output(outputs, i))]
+        try:
+            with torch.no_grad():
+                self.teacher(**inputs, use_cache=False)
+            result = model(**inputs, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        mask = inputs.get("attention_mask")
+        weights = None if mask is None else mask[..., None].float()  # (B, N, 1)
+        losses = []
+        for i in range(len(self.pairs)):
+            target, output = targets[i].float(), outputs[i].float()  # (B, N, D)
+            error, reference = (output - target).pow(2), target.pow(2)
+            if weights is not None:
+                error, reference = error * weights, reference * weights
+            losses.append(error.sum() / reference.sum().clamp_min(1e-12))
+        loss = torch.stack(losses).mean()
+        return (loss, result) if return_outputs else loss
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 2: distillation
 # ----------------------------------------------------------------------------------------------------------------
@@ -580,15 +652,21 @@ def linearize(
 
     # -- stage 1 ---------------------------------------------------------------------------------------------------
     trainable = kernel_parameters(student)
+    if args.transfer_attention_weights:  # the attention modules' weights, their kernels included
+        trainable = list({id(p): p for m in _attention_modules(student) for p in m.parameters()}.values())
     if args.transfer_steps and trainable:
         student.requires_grad_(False)
         for parameter in trainable:
             parameter.requires_grad_(True)
-        student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
         stage_args = _stage_arguments(training_args, "transfer", max_steps=args.transfer_steps,
                                       learning_rate=args.transfer_learning_rate, num_train_epochs=1.0)
-        trainer = AttentionTransferTrainer(model=student, args=stage_args, train_dataset=train_dataset,
-                                           data_collator=collator)
+        if args.transfer_attention_weights:
+            trainer = LayerwiseTransferTrainer(model=student, args=stage_args, train_dataset=train_dataset,
+                                               data_collator=collator, teacher=teacher)
+        else:
+            student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
+            trainer = AttentionTransferTrainer(model=student, args=stage_args, train_dataset=train_dataset,
+                                               data_collator=collator)
         if args.eval_every:
             trainer.add_callback(QualityCurveCallback("transfer", args.eval_every, measure, tokens_per_step, curve,
                                                       clock=training_seconds))

@@ -2,6 +2,7 @@
 train what they should, the saved folder loads with kernel attention and no extra argument (also by remote code
 without the package), Llama-family decoders come out as native Performers."""
 
+import copy
 import json
 import math
 import subprocess
@@ -302,6 +303,40 @@ def test_command_line_options_are_recognised_however_spelled(argv, expected):
 
     parser = HfArgumentParser((LinearizeArguments, DataArguments, TrainingArguments))
     assert _given_options(parser, argv) == expected
+
+
+def test_layerwise_transfer_trains_the_attention_weights_of_a_map_with_nothing_to_learn(tmp_path):
+    tokenizer = ByT5Tokenizer()
+    model = tiny_llama(len(tokenizer))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    result = linearize(model, tokenizer, feature_map="favor+", transfer_attention_weights=True, transfer_steps=60,
+                       distill_steps=0, transfer_learning_rate=1e-3, convert_natively=False, data_args=SMALL_DATA,
+                       training_args=training_args(tmp_path), **FAST)
+    losses = _losses(result.log_history["transfer"])  # favor+ alone would skip the stage
+    assert len(losses) == 60 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    after = result.model.state_dict()
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], original["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(after["model.layers.1.self_attn.o_proj.weight"], original["model.layers.1.self_attn.o_proj.weight"])
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(after[name], original[name])  # only attention trains in stage 1
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # the input model is untouched
+
+    # layer 0 sees the embeddings, the same in both models: its attention error, measured with plain forwards on
+    # held-out text, is what stage 1 lowered
+    def first_attention_output(m, ids):
+        seen = []
+        handle = m.model.layers[0].self_attn.register_forward_hook(lambda mod, a, out: seen.append(out[0]))
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=False)
+        handle.remove()
+        return seen[0]
+
+    ids = torch.tensor([tokenizer("Held-out: the while statement repeats while a condition holds.")["input_ids"]])
+    reference = first_attention_output(model, ids)
+    untrained = copy.deepcopy(model)
+    prepare_model_for_performer_attention(untrained, feature_map="favor+")
+    error = lambda m: float((first_attention_output(m, ids) - reference).pow(2).sum() / reference.pow(2).sum())  # noqa: E731
+    assert error(result.model) < 0.85 * error(untrained)  # measured 0.77x
 
 
 def test_lora_distillation_merges_the_adapters(tmp_path, word_tokenizer):
