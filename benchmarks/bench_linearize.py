@@ -1,7 +1,7 @@
 """How much of a pretrained model's quality does ``hf_performer.linearize`` keep, per feature map and stage, and
 how fast does it get there? Quality against training tokens, on held-out text never trained on.
 
-    python benchmarks/bench_linearize.py            # both models, four feature maps each, ~35 min on 2 CPU cores
+    python benchmarks/bench_linearize.py            # both models, five variants each, ~35 min on 2 CPU cores
     python benchmarks/bench_linearize.py --quick    # a smoke run, a few minutes (results/bench_linearize_quick.*)
     python benchmarks/bench_linearize.py --models encoder --variants hybrid   # the command's defaults alone
 
@@ -20,7 +20,8 @@ Models:
   context lengths (constant memory per token).
 
 Variants: ``favor+`` and ``relu`` (nothing to learn in the map, so no transfer stage: they distil for the steps
-of both stages, the same token budget), ``hedgehog`` (learned
+of both stages, the same token budget), ``favor+ layerwise`` (``--transfer_attention_weights``: the attention
+projections train in stage 1, lr 2e-3), ``hedgehog`` (learned
 softmax-mimicking map, Hedgehog arXiv 2402.04347) and ``hybrid``: hedgehog plus exact softmax over a sliding window
 of 8 tokens sharing one normaliser (LoLCATs arXiv 2410.10254), the command's default. Writes
 ``results/bench_linearize{,_quick}.{md,json,png}``.
@@ -54,10 +55,14 @@ VARIANTS = {
     "relu": dict(feature_map="relu", window_size=0),
     "hedgehog": dict(feature_map="hedgehog", window_size=0),
     "hybrid": dict(feature_map="hedgehog", window_size=DEFAULT_WINDOW_SIZE),
+    # FAVOR+ with its attention projections trained in stage 1 (--transfer_attention_weights)
+    "favor+ layerwise": dict(feature_map="favor+", window_size=0, transfer_attention_weights=True,
+                             transfer_learning_rate=2e-3),
 }
 NOTHING_TO_LEARN = ("favor+", "relu")
 LABELS = {"favor+": "FAVOR+", "relu": "ReLU features", "hedgehog": "Hedgehog",
-          "hybrid": f"Hybrid: Hedgehog + window {DEFAULT_WINDOW_SIZE}"}
+          "hybrid": f"Hybrid: Hedgehog + window {DEFAULT_WINDOW_SIZE}",
+          "favor+ layerwise": "FAVOR+, attention weights transferred"}
 
 
 def training_arguments(workdir: str, **overrides):
@@ -83,7 +88,9 @@ def minilm():
 
 def stage_steps(variant: str, transfer: int, distill: int) -> dict:
     """The same token budget for every variant: maps with nothing to transfer distil for both stages' steps."""
-    if VARIANTS[variant]["feature_map"] in NOTHING_TO_LEARN and not VARIANTS[variant]["window_size"]:
+    options = VARIANTS[variant]
+    if options["feature_map"] in NOTHING_TO_LEARN and not options["window_size"] \
+            and not options.get("transfer_attention_weights"):
         return dict(transfer_steps=0, distill_steps=transfer + distill)
     return dict(transfer_steps=transfer, distill_steps=distill)
 
@@ -130,8 +137,9 @@ def run_decoder(variant: str, args, workdir: str) -> dict:
     train, valid = load_text_splits()
     train_blocks, eval_blocks = byte_blocks(train, 128), byte_blocks(valid, 128)[:96]  # the demo's 96 windows
     transfer, distill = (40, 60) if args.quick else (200, 300)
-    result = linearize(teacher, None, train_dataset=train_blocks, eval_dataset=eval_blocks, **VARIANTS[variant],
-                       **stage_steps(variant, transfer, distill), transfer_learning_rate=1e-2, lm_loss_weight=1.0,
+    options = {"transfer_learning_rate": 1e-2, **VARIANTS[variant]}
+    result = linearize(teacher, None, train_dataset=train_blocks, eval_dataset=eval_blocks, **options,
+                       **stage_steps(variant, transfer, distill), lm_loss_weight=1.0,
                        eval_every=args.eval_every,
                        training_args=training_arguments(workdir, per_device_train_batch_size=8, learning_rate=5e-4))
     reference = result.metrics["original (softmax)"]["perplexity"]
