@@ -34,7 +34,8 @@ def converts_natively(config) -> bool:
     return getattr(config, "model_type", None) in NATIVE_MODEL_TYPES
 
 
-def _check_convertible(config) -> None:
+def check_convertible(config) -> None:
+    """ValueError naming the option when a config of ``NATIVE_MODEL_TYPES`` cannot convert (sliding windows, ...)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in NATIVE_MODEL_TYPES:
         raise ValueError(f"convert_llama_to_performer converts {list(NATIVE_MODEL_TYPES)} models, got "
@@ -55,7 +56,7 @@ def performer_config_from_llama(config, **performer_options) -> PerformerConfig:
     """The ``PerformerConfig`` of the same architecture; ``performer_options`` set the attention (``feature_map``,
     ``nb_features``, ``feature_map_kwargs``, ``feature_seed``, ...). The host's ``performer_*`` keys (set by
     ``attn_implementation="performer"``) are the defaults of those options."""
-    _check_convertible(config)
+    check_convertible(config)
     options = {key: getattr(config, key) for key in _SHARED_KEYS if getattr(config, key, None) is not None}
     qkv_bias = getattr(config, "model_type", None) == "qwen2" or bool(getattr(config, "attention_bias", False))
     options.update(

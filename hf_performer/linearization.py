@@ -63,7 +63,7 @@ from .attention_backend import (
     prepare_model_for_performer_attention,
 )
 from .attention import check_hybrid_feature_map, hybrid_feature_maps
-from .convert_llama import convert_llama_to_performer, converts_natively
+from .convert_llama import check_convertible, convert_llama_to_performer, converts_natively
 
 logger = logging.get_logger(__name__)
 
@@ -598,6 +598,9 @@ def linearize(
     elif options or not isinstance(args, LinearizeArguments):
         raise TypeError("pass either args=LinearizeArguments(...) or its fields as keyword arguments, not both")
     kind = model_kind(model) if args.model_kind == "auto" else args.model_kind
+    native = kind == "causal_lm" and args.convert_natively and converts_natively(model.config)
+    if native:  # what would stop the native conversion at the end stops it before any training
+        check_convertible(model.config)
     data_args = data_args or DataArguments()
     if train_dataset is None or eval_dataset is None:
         if tokenizer is None:
@@ -701,7 +704,7 @@ def linearize(
     student.eval()
 
     final = student
-    if kind == "causal_lm" and args.convert_natively and converts_natively(student.config):
+    if native:
         final = convert_llama_to_performer(student)
     result = LinearizeResult(final, teacher, metrics, curve, history, seconds=training_seconds())
     if output_dir:

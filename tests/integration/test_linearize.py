@@ -339,6 +339,19 @@ def test_layerwise_transfer_trains_the_attention_weights_of_a_map_with_nothing_t
     assert error(result.model) < 0.85 * error(untrained)  # measured 0.77x
 
 
+def test_a_decoder_that_cannot_convert_natively_is_refused_before_training(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = ByT5Tokenizer()
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, sliding_window=16))
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        linearize(model, tokenizer, transfer_steps=5, distill_steps=5, data_args=SMALL_DATA,
+                  training_args=training_args(tmp_path), **FAST)
+    assert not (tmp_path / "runs").exists()  # no stage started
+
+
 def test_lora_distillation_merges_the_adapters(tmp_path, word_tokenizer):
     model = tiny_bert(word_tokenizer)
     result = linearize(model, word_tokenizer, feature_map="hedgehog", transfer_steps=0, distill_steps=6, lora_r=4,
