@@ -118,8 +118,10 @@ def run_worker(script: str, common: dict, cells: list[dict], timeout: float = 18
     JSON line per cell as it finishes. Cells after a crash come back as None."""
     command = [sys.executable, script, "--worker", json.dumps({"common": common, "cells": cells})]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    # Idle OpenMP workers that spin steal the main thread's core on a shared machine; let them sleep.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left as the user's environment has it (libgomp's default: spin a while, then sleep).
+    # Forcing PASSIVE (sleep at once), as these benchmarks once did against noise on a shared machine, made every
+    # parallel region pay a wake-up: the causal op has many small ones and ran slower at 2 threads than at 1
+    # (N=4096 forward + backward: 228 ms at 2 threads vs 200 at 1 with PASSIVE; 104 ms at 2 threads by default).
     results: list[dict | None] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         start = time.time()
