@@ -250,13 +250,11 @@ def side_by_side(opts) -> None:
     """What the causal layer runs (``ours+features``) and causal SDPA, N = 1024 ... 16384, per thread setting."""
     import torch
 
-    from common import BusyCore
+    from common import BusyCore, thread_settings
 
     default = torch.get_num_threads()
     lengths = [1024, 2048, 4096] + ([] if opts.quick else [8192, 16384])
-    settings = [(f"{t} thread{'s' if t > 1 else ''}", t, None) for t in sorted({1, default})]
-    if opts.busy_core is not None:
-        settings.append((f"{default} threads, core {opts.busy_core} busy", default, opts.busy_core))
+    settings = thread_settings(None, opts.busy_core)
     results = {}
     for name, threads, busy in settings:
         opts.threads = threads

@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     matmul_rate,
     measure,
     run_worker,
+    thread_settings,
     worker_main,
 )
 
@@ -129,14 +130,8 @@ def main():
     if opts.replot:
         plot(json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".png"))
         return
-    import torch
-
-    default_threads = torch.get_num_threads()
-    thread_counts = opts.threads or sorted({1, default_threads})
     lengths = [1024, 2048, 4096] + ([] if opts.quick else [8192, 16384])
-    settings = [(f"{t} thread{'s' if t > 1 else ''}", t, None) for t in thread_counts]
-    if opts.busy_core is not None:
-        settings.append((f"{default_threads} threads, core {opts.busy_core} busy", default_threads, opts.busy_core))
+    settings = thread_settings(opts.threads, opts.busy_core)
     results = {"settings": {}}
     for name, threads, busy in settings:
         rate = matmul_rate(threads)

@@ -180,6 +180,18 @@ def machine_line(threads: int, rate: float) -> str:
 # -- contention ---------------------------------------------------------------------------------------------------
 
 
+def thread_settings(thread_counts: list[int] | None, busy_core: int | None) -> list[tuple[str, int, int | None]]:
+    """(name, threads, busy core) per setting to measure: each thread count (default: 1 and torch's default), then
+    torch's default beside a busy-loop process on ``busy_core`` when one is given (``BusyCore``)."""
+    import torch
+
+    default = torch.get_num_threads()
+    settings = [(f"{t} thread{'s' if t > 1 else ''}", t, None) for t in (thread_counts or sorted({1, default}))]
+    if busy_core is not None:
+        settings.append((f"{default} thread{'s' if default > 1 else ''}, core {busy_core} busy", default, busy_core))
+    return settings
+
+
 class BusyCore:
     """A busy-loop process pinned to one core (``os.sched_setaffinity``) while the ``with`` block runs: what the
     measured op sees when another program holds a core (the contended case of issue 16). core None: no-op."""

@@ -33,6 +33,7 @@ it is not installed) runs kernel attention as saved.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -300,16 +301,21 @@ def attention_transfer_forward(module, query, key, value, attention_mask, scalin
                                         **kwargs)  # (B, N, H, d)
     student, _ = performer_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                              dropout=0.0, **kwargs)  # (B, N, H, d)
-    teacher32, error = teacher.detach().float(), (student.float() - teacher.detach().float()).pow(2)
     real = _QUERY_MASK.get()
-    if real is not None and real.shape == error.shape[:2]:
-        weights = real.to(error.device, torch.float32)[:, :, None, None]  # (B, N, 1, 1)
-        denominator = (teacher32.pow(2) * weights).sum().clamp_min(1e-12)
-        loss = (error * weights).sum() / denominator
-    else:
-        loss = error.sum() / teacher32.pow(2).sum().clamp_min(1e-12)
-    setattr(module, _TRANSFER_LOSS, loss)
+    real = real if real is not None and real.shape == teacher.shape[:2] else None
+    setattr(module, _TRANSFER_LOSS, relative_squared_error(student, teacher, real))
     return teacher, None
+
+
+def relative_squared_error(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None = None):
+    """sum (student - teacher)^2 / sum teacher^2 over the real tokens, in float32: the scale-free error every layer
+    (and the encoder's token states) train on. student, teacher (B, N, ...); token_mask (B, N), 1 = real."""
+    teacher = teacher.detach().float()
+    error, reference = (student.float() - teacher).pow(2), teacher.pow(2)
+    if token_mask is not None:
+        weights = token_mask.to(error.device, torch.float32).reshape(*token_mask.shape, *[1] * (error.dim() - 2))
+        error, reference = error * weights, reference * weights
+    return error.sum() / reference.sum().clamp_min(1e-12)
 
 
 def register_attention_transfer() -> None:
@@ -403,15 +409,7 @@ class LayerwiseTransferTrainer(Trainer):
             for handle in handles:
                 handle.remove()
         mask = inputs.get("attention_mask")
-        weights = None if mask is None else mask[..., None].float()  # (B, N, 1)
-        losses = []
-        for i in range(len(self.pairs)):
-            target, output = targets[i].float(), outputs[i].float()  # (B, N, D)
-            error, reference = (output - target).pow(2), target.pow(2)
-            if weights is not None:
-                error, reference = error * weights, reference * weights
-            losses.append(error.sum() / reference.sum().clamp_min(1e-12))
-        loss = torch.stack(losses).mean()
+        loss = torch.stack([relative_squared_error(outputs[i], targets[i], mask) for i in range(len(self.pairs))]).mean()
         return (loss, result) if return_outputs else loss
 
 
@@ -470,8 +468,7 @@ def _lm_loss(logits, input_ids, attention_mask=None) -> torch.Tensor:
 def encoder_distillation_loss(student_hidden, teacher_hidden, attention_mask=None) -> torch.Tensor:
     """Relative MSE of the token states plus (1 - cosine) of the mean-pooled sentence embeddings."""
     student_hidden, teacher_hidden = student_hidden.float(), teacher_hidden.float()
-    weights = torch.ones_like(student_hidden[..., :1]) if attention_mask is None else attention_mask[..., None].float()
-    mse = ((student_hidden - teacher_hidden).pow(2) * weights).sum() / (teacher_hidden.pow(2) * weights).sum().clamp_min(1e-12)
+    mse = relative_squared_error(student_hidden, teacher_hidden, attention_mask)
     cosine = F.cosine_similarity(mean_pool(student_hidden, attention_mask), mean_pool(teacher_hidden, attention_mask), -1)
     return mse + (1 - cosine).mean()
 
@@ -613,11 +610,7 @@ def linearize(
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else getattr(model.config, "pad_token_id", None)
     collator = _Collator(pad)
 
-    started, evaluating = time.perf_counter(), [0.0]
-
-    def training_seconds() -> float:
-        return time.perf_counter() - started - evaluating[0]
-
+    clock = _TrainingClock()
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     student = copy.deepcopy(model)
     restore_dropout = (lambda: None) if args.keep_dropout else _disable_dropout(student)
@@ -625,29 +618,26 @@ def linearize(
         student, feature_map=args.feature_map, nb_features=args.nb_features, feature_seed=args.feature_seed,
         feature_map_kwargs=args.feature_map_kwargs, window_size=args.window_size,  # 0 overrides a saved window
     )
-    began = time.perf_counter()
-    teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
-    evaluating[0] += time.perf_counter() - began
+    with clock.paused():
+        teacher_reference = sentence_embeddings(teacher, eval_dataset, collator) if kind == "encoder" else None
 
     def measure() -> dict[str, float]:
         """The student as it will run: kernel attention, also when called mid-transfer (the transfer function
         returns the softmax output, which would measure the teacher)."""
-        began = time.perf_counter()
         transferring = student.config._attn_implementation == TRANSFER_IMPLEMENTATION
         if transferring:
             student.set_attn_implementation(ATTN_IMPLEMENTATION)
         try:
-            return evaluate(student, teacher, kind, eval_dataset, collator, teacher_reference)
+            with clock.paused():
+                return evaluate(student, teacher, kind, eval_dataset, collator, teacher_reference)
         finally:
             if transferring:
                 student.set_attn_implementation(TRANSFER_IMPLEMENTATION)
-            evaluating[0] += time.perf_counter() - began
 
-    began = time.perf_counter()
-    metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference)}
-    evaluating[0] += time.perf_counter() - began
+    with clock.paused():
+        metrics = {"original (softmax)": evaluate(teacher, teacher, kind, eval_dataset, collator, teacher_reference)}
     metrics["kernel attention, no training"] = measure()
-    curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, "seconds": training_seconds(),
+    curve: list[dict[str, Any]] = [{"stage": "start", "step": 0, "tokens": 0, "seconds": clock.seconds(),
                                     **metrics["kernel attention, no training"]}]
     tokens_per_step = _tokens_per_step(train_dataset, training_args)
     tokens = 0
@@ -672,7 +662,7 @@ def linearize(
                                                data_collator=collator)
         if args.eval_every:
             trainer.add_callback(QualityCurveCallback("transfer", args.eval_every, measure, tokens_per_step, curve,
-                                                      clock=training_seconds))
+                                                      clock=clock.seconds))
         trainer.train(resume_from_checkpoint=_resume(stage_args))
         history["transfer"] = trainer.state.log_history
         student.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -694,7 +684,7 @@ def linearize(
                                       lm_loss_weight=args.lm_loss_weight)
         if args.eval_every:
             trainer.add_callback(QualityCurveCallback("distill", args.eval_every, measure, tokens_per_step, curve,
-                                                      offset_tokens=tokens, clock=training_seconds))
+                                                      offset_tokens=tokens, clock=clock.seconds))
         trainer.train(resume_from_checkpoint=_resume(stage_args))
         history["distill"] = trainer.state.log_history
         if args.lora_r:
@@ -706,11 +696,29 @@ def linearize(
     final = student
     if native:
         final = convert_llama_to_performer(student)
-    result = LinearizeResult(final, teacher, metrics, curve, history, seconds=training_seconds())
+    result = LinearizeResult(final, teacher, metrics, curve, history, seconds=clock.seconds())
     if output_dir:
         save_linearized(final, output_dir, tokenizer)
         _write_report(Path(output_dir), result, kind, args)
     return result
+
+
+class _TrainingClock:
+    """Wall seconds since it was made, the time spent inside ``paused()`` blocks (evaluations) left out."""
+
+    def __init__(self):
+        self.started, self.excluded = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.excluded
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
 
 
 def _disable_dropout(model: nn.Module):

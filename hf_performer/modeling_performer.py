@@ -574,7 +574,7 @@ class PerformerPreTrainedModel(PreTrainedModel):
         folder has none, so a saved folder can be pushed to the Hub as it is. Weights laid out by
         ``optimize_for_decoding`` are written in the usual layout (and kept in theirs)."""
         column_major = _column_major_weights(self)
-        self.optimize_for_decoding(False)
+        _to_row_major(column_major)
         try:
             result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
@@ -599,14 +599,10 @@ class PerformerPreTrainedModel(PreTrainedModel):
         outputs agree to float rounding, ``save_pretrained`` writes the usual layout. For CPU inference: call it
         once after loading. (``state_dict()`` then holds non-contiguous tensors; safetensors wants contiguous
         ones, so save through ``save_pretrained``.)"""
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear) and module.weight.dim() == 2:
-                    weight = module.weight
-                    if enabled and weight.is_contiguous() and weight.shape[0] > 1 and weight.shape[1] > 1:
-                        weight.data = weight.data.t().contiguous().t()
-                    elif not enabled and weight.t().is_contiguous() and not weight.is_contiguous():
-                        weight.data = weight.data.contiguous()
+        if enabled:
+            _to_column_major([w for w in _linear_weights(self) if w.is_contiguous() and min(w.shape) > 1])
+        else:
+            _to_row_major(_column_major_weights(self))
         return self
 
     # -- random features -----------------------------------------------------------------------------------------
@@ -642,17 +638,25 @@ class PerformerPreTrainedModel(PreTrainedModel):
         self.config.feature_redraw_interval = 0
 
 
-def _column_major_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The ``nn.Linear`` weights that ``optimize_for_decoding`` laid out column-major."""
-    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2
-               and not m.weight.is_contiguous() and m.weight.t().is_contiguous()}
+def _linear_weights(model: nn.Module) -> list[nn.Parameter]:
+    """Every ``nn.Linear`` weight once (a tied LM head shares the embedding's)."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2}
     return list(weights.values())
 
 
+def _column_major_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The ``nn.Linear`` weights that ``optimize_for_decoding`` laid out column-major."""
+    return [w for w in _linear_weights(model) if not w.is_contiguous() and w.t().is_contiguous()]
+
+
 def _to_column_major(weights: list[nn.Parameter]) -> None:
-    with torch.no_grad():
-        for weight in weights:
-            weight.data = weight.data.t().contiguous().t()
+    for weight in weights:  # .data: the same Parameter (ties, optimizer state) with new storage
+        weight.data = weight.data.t().contiguous().t()
+
+
+def _to_row_major(weights: list[nn.Parameter]) -> None:
+    for weight in weights:
+        weight.data = weight.data.contiguous()
 
 
 class PerformerModel(PerformerPreTrainedModel):
