@@ -893,6 +893,13 @@ def main(argv: list[str] | None = None) -> LinearizeResult:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The ``hf-performer-linearize`` console script: ``main`` with exit status 0 (console scripts pass the return
+    value to ``sys.exit``, which would print a returned result and exit with 1)."""
+    main(argv)
+    return 0
+
+
 __all__ = [
     "DataArguments",
     "LinearizeArguments",

@@ -384,6 +384,25 @@ def test_command_line_on_a_saved_model_with_the_embedded_corpus(tmp_path, word_t
     assert config.performer_feature_map == "taylor" and config.performer_window_size == DEFAULT_WINDOW_SIZE
 
 
+def test_console_script_exits_with_status_zero(tmp_path, word_tokenizer):
+    # the declared entry point, run the way console scripts run it: sys.exit(entry())
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
+    scripts = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["hf-performer-linearize"].split(":")
+    entry = getattr(__import__(module, fromlist=[name]), name)
+    source = tmp_path / "bert"
+    tiny_bert(word_tokenizer).save_pretrained(source)
+    word_tokenizer.save_pretrained(source)
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(entry(["--model_name_or_path", str(source), "--output_dir", str(tmp_path / "out"), "--transfer_steps",
+                        "1", "--max_steps", "1", "--max_seq_length", "32", "--max_train_samples", "16",
+                        "--max_eval_samples", "8", "--use_cpu", "--disable_tqdm", "True"]))
+    assert exit_info.value.code == 0
+    assert (tmp_path / "out" / "config.json").exists()
+
+
 @pytest.mark.parametrize("feature_map, window", [("hedgehog", DEFAULT_WINDOW_SIZE), ("relu", DEFAULT_WINDOW_SIZE),
                                                  ("favor+", 0), ("favor++", 0), ("rff", 0)])
 def test_default_window_follows_what_the_feature_map_allows(feature_map, window, word_tokenizer):
