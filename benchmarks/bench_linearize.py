@@ -2,7 +2,7 @@
 how fast does it get there? Quality against training tokens, on held-out text never trained on.
 
     python benchmarks/bench_linearize.py            # both models, five variants each, ~35 min on 2 CPU cores
-    python benchmarks/bench_linearize.py --quick    # a smoke run, a few minutes (results/bench_linearize_quick.*)
+    python benchmarks/bench_linearize.py --quick    # fewer steps, ~20 min beside other work (results/bench_linearize_quick.*)
     python benchmarks/bench_linearize.py --models encoder --variants hybrid   # the command's defaults alone
 
 Models:
