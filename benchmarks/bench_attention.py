@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import (  # noqa: E402
+    KEEP_FREED_MEMORY,
     RESULTS,
     fmt,
     machine_line,
@@ -172,7 +173,7 @@ def row(method, causal, cells, opts):
         cell["label"] = f"{method} {'causal' if causal else 'bidirectional'} " + " ".join(
             f"{key}={value}" for key, value in cell.items())
     print(f"  {method}, {'causal' if causal else 'bidirectional'}:", file=sys.stderr, flush=True)
-    return run_worker(__file__, common, cells)
+    return run_worker(__file__, common, cells, extra_env=KEEP_FREED_MEMORY if opts.keep_freed_memory else None)
 
 
 def main():
@@ -187,6 +188,8 @@ def main():
                         help="only the causal FAVOR+ op and causal SDPA at 1 thread, torch's default and (with "
                              "--busy-core) the default beside a busy core: results/bench_attention_threads.*")
     parser.add_argument("--busy-core", type=int, default=None, help="with --side-by-side: the core to keep busy")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run the workers with glibc keeping freed memory (common.KEEP_FREED_MEMORY)")
     opts = parser.parse_args()
     if opts.side_by_side:
         side_by_side(opts)
@@ -271,7 +274,8 @@ def side_by_side(opts) -> None:
         for n in lengths]
     headers = ["N"] + [f"{label} ({name})" for name in names for label in ("ours ms", "SDPA ms", "SDPA / ours")]
     command = "python benchmarks/bench_attention.py --side-by-side" + (" --quick" if opts.quick else "") + (
-        f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "")
+        f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "") + (
+        " --keep-freed-memory" if opts.keep_freed_memory else "")
     parts = [f"# Causal FAVOR+ op against causal SDPA, per thread setting (`{command}`)", "",
              f"B={BATCH}, H={HEADS}, m={FEATURES}, d={HEAD_DIM}, fp32, forward + backward, best of repeats. ours: "
              "`ops.causal_exp_attention` (features computed inside, as a layer runs it).", "",

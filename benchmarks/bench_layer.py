@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import (  # noqa: E402
+    KEEP_FREED_MEMORY,
     RESULTS,
     BusyCore,
     fmt,
@@ -120,6 +121,8 @@ def main():
     parser.add_argument("--busy-core", type=int, default=None,
                         help="also measure the default thread count with a busy-loop process pinned to this core")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run the workers with glibc keeping freed memory (common.KEEP_FREED_MEMORY)")
     parser.add_argument("--max-pp", type=int, default=4096, help="longest N for performer-pytorch")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timed repeats per cell")
     parser.add_argument("--reps", type=int, default=5, help="most timed repeats per cell")
@@ -144,7 +147,8 @@ def main():
                          if method != "performer-pytorch" or n <= opts.max_pp]
                 print(f"  {method}:", file=sys.stderr, flush=True)
                 measured = run_worker(__file__, dict(method=method, threads=threads, budget_s=opts.budget,
-                                                     max_reps=opts.reps), cells)
+                                                     max_reps=opts.reps), cells,
+                                      extra_env=KEEP_FREED_MEMORY if opts.keep_freed_memory else None)
                 for cell, result in zip(cells, measured):
                     setting["rows"][cell["length"]][method] = result
         results["settings"][name] = setting
@@ -172,10 +176,13 @@ def _ratio(a, b):
 def render(results, opts) -> str:
     settings = _settings(results)
     command = "python benchmarks/bench_layer.py" + (" --quick" if opts.quick else "") + (
-        f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "")
+        f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "") + (
+        " --keep-freed-memory" if opts.keep_freed_memory else "")
     parts = [f"# One causal layer, forward + backward (`{command}`)", "",
              f"Hidden {HIDDEN}, {HEADS} heads, {FEATURES} features, FFN {FFN} (GLU), batch 1, fp32; best of repeats, "
-             "ms; memory: growth of resident memory over one forward + backward, MiB.", ""]
+             "ms; memory: growth of resident memory over one forward + backward, MiB."
+             + (" Workers ran with glibc keeping freed memory (" + ", ".join(
+                 f"{k}={v}" for k, v in KEEP_FREED_MEMORY.items()) + ")." if opts.keep_freed_memory else ""), ""]
     # the targets' ratios, one column per setting
     names = list(settings)
     summary = []

@@ -27,12 +27,18 @@ def _safe(normaliser: torch.Tensor) -> torch.Tensor:
     return torch.where(normaliser.abs() > 1e-30, normaliser, torch.ones_like(normaliser))
 
 
-def _output_gradients(grad_out: Tensor, out: Tensor, normaliser: Tensor) -> tuple[Tensor, Tensor]:
+def _output_gradients(grad_out: Tensor, out: Tensor, normaliser: Tensor, *, into: Tensor | None = None):
     """out = numerator / z: d numerator = dy / z and dz = -(dy . out) / z, 0 where the output was forced to 0.
-    grad_out, out (..., d), normaliser (..., 1) -> (..., d), (..., 1)."""
+    grad_out, out (..., d), normaliser (..., 1) -> (..., d), (..., 1); with ``into`` (..., d + 1, in the compute
+    dtype), both are written there side by side (no concatenation) and ``into`` is returned."""
     safe = _safe(normaliser)
-    d_normaliser = (grad_out * out).sum(-1, keepdim=True).div_(safe).mul_(normaliser.abs() > 1e-30).neg_()
-    return grad_out / safe, d_normaliser
+    d_normaliser = (grad_out * out).sum(-1, keepdim=True).div_(safe)
+    d_normaliser.mul_(normaliser.abs() > 1e-30).neg_()
+    if into is None:
+        return grad_out / safe, d_normaliser
+    torch.div(grad_out, safe, out=into[..., :-1])
+    into[..., -1:] = d_normaliser
+    return into
 
 
 def _normalise(out_aug: torch.Tensor) -> torch.Tensor:
