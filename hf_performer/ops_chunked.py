@@ -18,7 +18,10 @@ algorithm as fused Triton kernels.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -71,11 +74,14 @@ class _Features:
         return exp_projection_backward(grad_features, features, x, self.projection, self.norm_coef)
 
 
-def _block_layout(groups: int, length: int, chunk: int) -> tuple[int, int]:
+def _block_layout(groups: int, length: int, chunk: int, tasks: int = 1) -> tuple[int, int]:
     """(heads per block, tokens per block) for about BLOCK_TOKENS tokens per block. A block is either whole
-    sequences of several heads or part of one head's sequence, so its (X, C, .) chunk view never needs a copy."""
+    sequences of several heads or part of one head's sequence, so its (X, C, .) chunk view never needs a copy.
+    Short sequences share a block between heads, but never so many that fewer than ``tasks`` head groups are left
+    for the workers (``_head_group_tasks``). The tokens per block, hence the saved block states, depend on the
+    length alone."""
     if length <= BLOCK_TOKENS:
-        return max(1, min(groups, BLOCK_TOKENS // length)), length
+        return max(1, min(groups, BLOCK_TOKENS // length, -(-groups // tasks))), length
     return 1, max(1, BLOCK_TOKENS // chunk) * chunk
 
 
@@ -200,11 +206,10 @@ class _Block:
         return grads[:, 1:].flatten(0, 1), d_state  # U_{i-1} enters E_i with factor 1
 
 
-def _values_buffer(groups: int, padded: int, chunk: int, d: int, ct: torch.dtype, device) -> Tensor:
-    """One (X_max, C, d+1) buffer per chunk loop for every block's [v | 1], its ones column set once: blocks run one
-    after another, so they can share it (a ``cat`` per block was 2% of the op's time at N = 4096)."""
-    hb, tokens = _block_layout(groups, padded, chunk)
-    buffer = torch.empty(hb * tokens // chunk, chunk, d + 1, dtype=ct, device=device)
+def _values_buffer(heads: slice, tokens: int, chunk: int, d: int, ct: torch.dtype, device) -> Tensor:
+    """One (X_max, C, d+1) buffer per head group for every block's [v | 1], its ones column set once: a group's
+    blocks run one after another, so they can share it (a ``cat`` per block was 2% of the op's time at N = 4096)."""
+    buffer = torch.empty((heads.stop - heads.start) * tokens // chunk, chunk, d + 1, dtype=ct, device=device)
     buffer[..., -1] = 1.0
     return buffer
 
@@ -231,12 +236,84 @@ def _flatten_inputs(q, k, v, log_scale, chunk):
     return q, k, v, log_scale
 
 
-def _blocks(groups: int, length: int, chunk: int):
-    """(heads slice, token-block index, start, end) in forward order: head groups outside, tokens inside."""
-    hb, tokens = _block_layout(groups, length, chunk)
-    for g0 in range(0, groups, hb):
-        for index, start in enumerate(range(0, length, tokens)):
-            yield slice(g0, min(groups, g0 + hb)), index, start, min(length, start + tokens)
+def _head_groups(groups: int, length: int, chunk: int, tasks: int) -> tuple[list[slice], list[tuple[int, int, int]]]:
+    """The head groups (slices of the G = B * H sequences) and, in forward order, the token blocks (index, start,
+    end) that each of them runs through: every group carries its own state, so groups are independent tasks."""
+    hb, tokens = _block_layout(groups, length, chunk, tasks)
+    heads = [slice(g0, min(groups, g0 + hb)) for g0 in range(0, groups, hb)]
+    return heads, [(index, start, min(length, start + tokens)) for index, start in enumerate(range(0, length, tokens))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head groups as tasks of single-threaded workers (CPU)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Run the head groups of a chunk loop as tasks on single-threaded workers (CPU, more than one torch thread), rather
+# than every small op of every block as its own OpenMP parallel region: one synchronisation per op call instead of
+# ~30 per block, and workers pull groups as they free up, so a core that another process holds slows its worker
+# alone. False: every op spreads over the threads itself, as torch does by default.
+HEAD_GROUP_TASKS = True
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+_WORKER = threading.local()  # .active in a pool's threads: an op called there runs its groups itself
+
+
+def _start_workers(workers: int) -> ThreadPoolExecutor:
+    """``workers`` threads, each with a one-thread OpenMP team. ``torch.set_num_threads`` sets the calling
+    thread's team size and also process-wide defaults (MKL's, the count new threads start with), so the caller's
+    count is put back once every worker has set its own."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="hf_performer_heads")
+    ready = threading.Barrier(workers + 1)
+
+    def single_threaded():
+        torch.get_num_threads()  # torch sizes a thread's team on its first parallel call: do that first, then
+        torch.set_num_threads(1)  # shrink it
+        _WORKER.active = True
+        ready.wait()  # every worker blocks here, so the pool starts all of them
+
+    for _ in range(workers):
+        pool.submit(single_threaded)
+    ready.wait()
+    torch.set_num_threads(workers)
+    return pool
+
+
+def _forget_workers():  # a forked child has none of its parent's threads
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
+def _head_group_tasks(device: torch.device) -> int:
+    """How many workers the chunk loop may run its head groups on: 1 (run them here, in turn) off the CPU, with one
+    torch thread, inside a worker, or with ``HEAD_GROUP_TASKS`` off."""
+    if not HEAD_GROUP_TASKS or device.type != "cpu" or getattr(_WORKER, "active", False):
+        return 1
+    return torch.get_num_threads()
+
+
+def _run_tasks(task, items: list, workers: int) -> None:
+    """``task(item)`` for every item: in turn with one worker, else on the pool, grad and inference mode as here
+    (a new thread starts with autograd on: in-place writes into this op's outputs would be refused)."""
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            task(item)
+        return
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = _start_workers(workers)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(item):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            task(item)
+
+    for future in [pool.submit(run, item) for item in items]:
+        future.result()
 
 
 def _exp_features(projection: Tensor, key_keep: Tensor | None, norm_coef: float, offset: float, groups: int,
@@ -261,29 +338,32 @@ def _forward_blocks(q3, k3, v3, log_scale, c, c0, kv0, chunk: int, m: int, ct: t
     d = v3.shape[-1]
     out = torch.empty(g, padded, d, dtype=v3.dtype, device=v3.device)
     normaliser = torch.empty(g, padded, dtype=ct, device=v3.device)
-    tokens = _block_layout(g, padded, chunk)[1]
-    block_states = torch.empty(g, -(-padded // tokens), m, d + 1, dtype=ct, device=v3.device)  # entering states
+    workers = _head_group_tasks(v3.device)
+    head_groups, spans = _head_groups(g, padded, chunk, workers)
+    block_states = torch.empty(g, len(spans), m, d + 1, dtype=ct, device=v3.device)  # entering states
     kv0 = kv0.reshape(g, m, d + 1).to(ct)
     kv_end = torch.empty(g, m, d + 1, dtype=ct, device=v3.device)
-    values = _values_buffer(g, padded, chunk, d, ct, v3.device)
-    for heads_, index, start, end in _blocks(g, padded, chunk):
-        if start == 0:
-            state = kv0[heads_]  # (hb, m, d+1), at scale c_start
-        c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
-        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct, values, features, True)
-        block_states[heads_, index] = state
-        entering, state = blk.scan(blk.chunk_kv(), state)  # (X, m, d+1), (hb, m, d+1)
-        out_aug = blk.q @ entering  # (X, C, d+1): what earlier chunks contribute
-        if blk.row_scale is not None:
-            out_aug.mul_(blk.row_scale)
-        out_aug.baddbmm_(blk.scores(), blk.values)  # plus this chunk's own keys
-        z = out_aug[..., -1:]  # (X, C, 1)
-        normaliser[heads_, start:end] = z.reshape(blk.hb, -1)
-        y = _workspace(out[heads_, start:end].view(-1, chunk, d), ct)
-        torch.div(out_aug[..., :-1], _safe(z), out=y)
-        _write_back(out[heads_, start:end], y)
-        if end == padded:
-            kv_end[heads_] = state
+
+    def run_head_group(heads_: slice):  # writes the group's rows of every output, nothing else
+        values = _values_buffer(heads_, spans[0][2], chunk, d, ct, v3.device)
+        state = kv0[heads_]  # (hb, m, d+1), at scale c_start
+        for index, start, end in spans:
+            c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
+            blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct, values, features, True)
+            block_states[heads_, index] = state
+            entering, state = blk.scan(blk.chunk_kv(), state)  # (X, m, d+1), (hb, m, d+1)
+            out_aug = blk.q @ entering  # (X, C, d+1): what earlier chunks contribute
+            if blk.row_scale is not None:
+                out_aug.mul_(blk.row_scale)
+            out_aug.baddbmm_(blk.scores(), blk.values)  # plus this chunk's own keys
+            z = out_aug[..., -1:]  # (X, C, 1)
+            normaliser[heads_, start:end] = z.reshape(blk.hb, -1)
+            y = _workspace(out[heads_, start:end].view(-1, chunk, d), ct)
+            torch.div(out_aug[..., :-1], _safe(z), out=y)
+            _write_back(out[heads_, start:end], y)
+        kv_end[heads_] = state
+
+    _run_tasks(run_head_group, head_groups, workers)
     return out, normaliser, kv_end, block_states
 
 
@@ -320,47 +400,52 @@ def _backward_blocks(q3, k3, v3, log_scale, c, c0, grad_out, grad_kv, out, norma
     dv = torch.empty(g, padded, d, dtype=v3.dtype, device=v3.device)
     d_kv0 = torch.empty(g, m, d + 1, dtype=ct, device=q3.device)
     grad_kv = grad_kv.reshape(g, m, d + 1).to(ct)
-    values = _values_buffer(g, padded, chunk, d, ct, q3.device)
-    d_out_buffer = torch.empty_like(values)
-    for heads_, index, start, end in reversed(list(_blocks(g, padded, chunk))):
-        if end == padded:
-            d_state = grad_kv[heads_]  # gradient w.r.t. the state leaving this block, (hb, m, d+1)
-        c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
-        blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct, values, features)
-        x = blk.hb * blk.nb
-        dy, y = dy3[heads_, start:end].to(ct).reshape(x, chunk, d), y3[heads_, start:end].to(ct).reshape(x, chunk, d)
-        z = z3[heads_, start:end].reshape(x, chunk, 1)
-        # y = numerator / z: d numerator = dy / z, dz = -(dy . y) / z (0 where the output was forced to 0).
-        d_out = _output_gradients(dy, y, z, into=d_out_buffer[:x])  # (X, C, d+1)
-        d_out_scaled = d_out if blk.row_scale is None else d_out * blk.row_scale
+    workers = _head_group_tasks(q3.device)
+    head_groups, spans = _head_groups(g, padded, chunk, workers)
 
-        entering, _ = blk.scan(blk.chunk_kv(), states[heads_, index])  # (X, m, d+1)
-        d_scores = blk.mask(d_out @ blk.values.transpose(-1, -2))  # (X, C, C): gradient w.r.t. q k^T
-        d_entering = blk.q.transpose(-1, -2) @ d_out_scaled  # (X, m, d+1)
-        d_kv, d_state = blk.scan_backward(d_entering, d_state)  # (X, m, d+1), (hb, m, d+1)
+    def run_head_group(heads_: slice):  # writes the group's rows of dq, dk, dv and d_kv0, nothing else
+        values = _values_buffer(heads_, spans[0][2], chunk, d, ct, q3.device)
+        d_out_buffer = torch.empty_like(values)
+        d_state = grad_kv[heads_]  # gradient w.r.t. the state leaving the current block, (hb, m, d+1)
+        for index, start, end in reversed(spans):
+            c_start = None if c is None else (c0 if start == 0 else c[:, start - 1])
+            blk = _Block(q3, k3, v3, log_scale, c, c_start, heads_, start, end, chunk, ct, values, features)
+            x = blk.hb * blk.nb
+            dy = dy3[heads_, start:end].to(ct).reshape(x, chunk, d)
+            y = y3[heads_, start:end].to(ct).reshape(x, chunk, d)
+            z = z3[heads_, start:end].reshape(x, chunk, 1)
+            # y = numerator / z: d numerator = dy / z, dz = -(dy . y) / z (0 where the output was forced to 0).
+            d_out = _output_gradients(dy, y, z, into=d_out_buffer[:x])  # (X, C, d+1)
+            d_out_scaled = d_out if blk.row_scale is None else d_out * blk.row_scale
 
-        # Each gradient is accumulated in place in its slice of the output (fp32 inputs) or in an fp32 scratch;
-        # with fused features, the gradients w.r.t. the features go back through the feature map first.
-        fused = features is not None
-        d_q = _workspace(dq[heads_, start:end].view(x, chunk, -1), ct, fused, m)
-        torch.bmm(d_out_scaled, entering.transpose(-1, -2), out=d_q).baddbmm_(d_scores, blk.k)
-        d_k = _workspace(dk[heads_, start:end].view(x, chunk, -1), ct, fused, m)
-        torch.bmm(blk.state_values, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
-        if fused:
-            d_q = features.backward(d_q, blk.q, blk.q_in)  # (hb*T, d)
-            d_k = features.backward(d_k, blk.k, blk.k_in)
-        d_v = _workspace(dv[heads_, start:end].view(x, chunk, d), ct)
-        torch.bmm(blk.scores().transpose(-1, -2), d_out[..., :d], out=d_v)  # through this chunk's product
-        if blk.value_scale is not None:
-            d_v.mul_(blk.value_scale)
-        through_state = blk.k @ d_kv[..., :d]  # (X, C, d)
-        if blk.state_scale is not None:
-            through_state.mul_(blk.state_scale)
-        d_v.add_(through_state)
-        for full, block in ((dq, d_q), (dk, d_k), (dv, d_v)):
-            _write_back(full[heads_, start:end], block)
-        if start == 0:
-            d_kv0[heads_] = d_state
+            entering, _ = blk.scan(blk.chunk_kv(), states[heads_, index])  # (X, m, d+1)
+            d_scores = blk.mask(d_out @ blk.values.transpose(-1, -2))  # (X, C, C): gradient w.r.t. q k^T
+            d_entering = blk.q.transpose(-1, -2) @ d_out_scaled  # (X, m, d+1)
+            d_kv, d_state = blk.scan_backward(d_entering, d_state)  # (X, m, d+1), (hb, m, d+1)
+
+            # Each gradient is accumulated in place in its slice of the output (fp32 inputs) or in an fp32
+            # scratch; with fused features, the gradients w.r.t. the features go back through the feature map.
+            fused = features is not None
+            d_q = _workspace(dq[heads_, start:end].view(x, chunk, -1), ct, fused, m)
+            torch.bmm(d_out_scaled, entering.transpose(-1, -2), out=d_q).baddbmm_(d_scores, blk.k)
+            d_k = _workspace(dk[heads_, start:end].view(x, chunk, -1), ct, fused, m)
+            torch.bmm(blk.state_values, d_kv.transpose(-1, -2), out=d_k).baddbmm_(d_scores.transpose(-1, -2), blk.q)
+            if fused:
+                d_q = features.backward(d_q, blk.q, blk.q_in)  # (hb*T, d)
+                d_k = features.backward(d_k, blk.k, blk.k_in)
+            d_v = _workspace(dv[heads_, start:end].view(x, chunk, d), ct)
+            torch.bmm(blk.scores().transpose(-1, -2), d_out[..., :d], out=d_v)  # through this chunk's product
+            if blk.value_scale is not None:
+                d_v.mul_(blk.value_scale)
+            through_state = blk.k @ d_kv[..., :d]  # (X, C, d)
+            if blk.state_scale is not None:
+                through_state.mul_(blk.state_scale)
+            d_v.add_(through_state)
+            for full, block in ((dq, d_q), (dk, d_k), (dv, d_v)):
+                _write_back(full[heads_, start:end], block)
+        d_kv0[heads_] = d_state
+
+    _run_tasks(run_head_group, head_groups, workers)
     if pad:
         # contiguous: the fake (meta) kernels promise contiguous gradients, and torch.compile trusts them
         dq, dk, dv = dq[:, :length].contiguous(), dk[:, :length].contiguous(), dv[:, :length].contiguous()
@@ -387,7 +472,7 @@ def _fake_forward(q, v, m: int, chunk_size: int):
     d = v.shape[-1]
     ct = _compute_dtype(q.dtype)
     padded = length + (-length % chunk_size)
-    n_blocks = -(-padded // _block_layout(batch * heads, padded, chunk_size)[1])
+    n_blocks = -(-padded // _block_layout(batch * heads, padded, chunk_size)[1])  # arithmetic: lengths may be symbolic
     return (
         v.new_empty(batch, heads, length, d),
         q.new_empty(batch, heads, length, dtype=ct),
