@@ -140,6 +140,11 @@ def attention_fn(method: str, causal: bool, log_scale, chunk_size: int, implemen
 def worker(args: dict) -> dict:
     import torch
 
+    from hf_performer import ops_chunked
+
+    if args["method"].endswith(" per-op threads"):
+        ops_chunked.HEAD_GROUP_TASKS = False
+        args = {**args, "method": args["method"].removesuffix(" per-op threads")}
     inputs, log_scale = make_inputs(args["method"], args["length"], args["features"])  # fused: the map's args
     fn = attention_fn(args["method"], args["causal"], log_scale, args["chunk_size"], args["implementation"])
 
@@ -250,7 +255,9 @@ def main():
 
 
 def side_by_side(opts) -> None:
-    """What the causal layer runs (``ours+features``) and causal SDPA, N = 1024 ... 16384, per thread setting."""
+    """What the causal layer runs (``ours+features``), the same op with every small op spread over the threads
+    instead of head groups on single-threaded workers (``ops_chunked.HEAD_GROUP_TASKS = False``), and causal SDPA,
+    N = 1024 ... 16384, per thread setting."""
     import torch
 
     from common import BusyCore, thread_settings
@@ -258,35 +265,39 @@ def side_by_side(opts) -> None:
     default = torch.get_num_threads()
     lengths = [1024, 2048, 4096] + ([] if opts.quick else [8192, 16384])
     settings = thread_settings(None, opts.busy_core)
+    methods = ("ours+features", "ours+features per-op threads", "sdpa")
     results = {}
     for name, threads, busy in settings:
         opts.threads = threads
         results[name] = {"machine": machine_line(threads, matmul_rate(threads)), "rows": {n: {} for n in lengths}}
         print(name, file=sys.stderr)
         with BusyCore(busy):
-            for method in ("ours+features", "sdpa"):
-                for cell, result in zip(lengths, row(method, True, [{"length": n} for n in lengths], opts)):
+            for method in methods if threads > 1 else ("ours+features", "sdpa"):
+                cells = [{"length": n} for n in lengths]
+                for cell, result in zip(lengths, row(method, True, cells, opts)):
                     results[name]["rows"][cell][method] = result
     names = list(results)
     table = [[n] + [cell for name in names for cell in (
-        fmt(ms(results[name]["rows"][n]["ours+features"]), ".1f"), fmt(ms(results[name]["rows"][n]["sdpa"]), ".1f"),
+        *(fmt(ms(results[name]["rows"][n].get(m)), ".1f") for m in methods),
         fmt(ratio(results[name]["rows"][n]["ours+features"], results[name]["rows"][n]["sdpa"]), ".2f"))]
         for n in lengths]
-    headers = ["N"] + [f"{label} ({name})" for name in names for label in ("ours ms", "SDPA ms", "SDPA / ours")]
+    headers = ["N"] + [f"{label} ({name})" for name in names
+                       for label in ("ours ms", "ours, per-op threads ms", "SDPA ms", "SDPA / ours")]
     command = "python benchmarks/bench_attention.py --side-by-side" + (" --quick" if opts.quick else "") + (
         f" --busy-core {opts.busy_core}" if opts.busy_core is not None else "") + (
         " --keep-freed-memory" if opts.keep_freed_memory else "")
     parts = [f"# Causal FAVOR+ op against causal SDPA, per thread setting (`{command}`)", "",
              f"B={BATCH}, H={HEADS}, m={FEATURES}, d={HEAD_DIM}, fp32, forward + backward, best of repeats. ours: "
-             "`ops.causal_exp_attention` (features computed inside, as a layer runs it).", "",
+             "`ops.causal_exp_attention` (features computed inside, as a layer runs it), head groups as tasks on "
+             "single-threaded workers; per-op threads: the same op with `ops_chunked.HEAD_GROUP_TASKS = False`.", "",
              *[f"* {name}: {results[name]['machine']}" for name in names], "", markdown_table(headers, table)]
     quiet = [n for n in names if "busy" not in n and results[n]["machine"] and n.startswith(f"{default} ")]
     busy = [n for n in names if "busy" in n]
     if quiet and busy:
-        contention = [[n] + [fmt(ratio(results[quiet[0]]["rows"][n][m], results[busy[0]]["rows"][n][m]), ".2f")
-                             for m in ("ours+features", "sdpa")] for n in lengths]
+        contention = [[n] + [fmt(ratio(results[quiet[0]]["rows"][n].get(m), results[busy[0]]["rows"][n].get(m)),
+                                     ".2f") for m in methods] for n in lengths]
         parts += ["", f"Busy / quiet time at {default} threads:", "",
-                  markdown_table(["N", "ours", "SDPA"], contention)]
+                  markdown_table(["N", "ours", "ours, per-op threads", "SDPA"], contention)]
     report = "\n".join(parts)
     print(report)
     RESULTS.mkdir(exist_ok=True)

@@ -190,6 +190,47 @@ class PerformerAxialPositionEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class FusedProjection:
+    """q, k and v projections as row blocks of one (out_q + 2 out_kv, in) matrix, laid out column-major like the
+    other weights of ``optimize_for_decoding``: one matrix-vector product per decode step instead of three. The
+    three ``nn.Linear`` weights (and biases) become views of it, so they stay the model's parameters and what
+    ``state_dict``, ties and optimizers see; this object is not a module and is never saved."""
+
+    def __init__(self, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear):
+        projections = (q_proj, k_proj, v_proj)
+        self.sizes = [p.out_features for p in projections]
+        with torch.no_grad():
+            self.weight = torch.cat([p.weight for p in projections]).t().contiguous().t()  # (O, in), column-major
+            self.bias = None if q_proj.bias is None else torch.cat([p.bias for p in projections])  # (O,)
+        for projection, weight in zip(projections, self.weight.split(self.sizes)):
+            projection.weight.data = weight  # .data: the same Parameter, now a view of the fused matrix
+        if self.bias is not None:
+            for projection, bias in zip(projections, self.bias.split(self.sizes)):
+                projection.bias.data = bias
+        self.pointers = self._pointers(*projections)
+
+    @staticmethod
+    def _pointers(*projections) -> tuple:
+        return tuple((p.weight.data_ptr(), None if p.bias is None else p.bias.data_ptr()) for p in projections)
+
+    def views_of(self, *projections) -> bool:
+        return all(type(p) is nn.Linear for p in projections) and self._pointers(*projections) == self.pointers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)  # (B, N, O)
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(self.sizes, dim=-1)
+
+    @staticmethod
+    def release(q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear) -> None:
+        """Give the three projections their own contiguous storage back."""
+        for projection in (q_proj, k_proj, v_proj):
+            projection.weight.data = projection.weight.data.contiguous()
+            if projection.bias is not None:
+                projection.bias.data = projection.bias.data.clone()
+
+
 class PerformerAttention(nn.Module):
     """Multi-head attention: the first ``H - local_heads`` heads run the layer's global kind of attention (kernel
     attention with the configured feature map, or exact softmax, or one of TF KernelAttention's causal variants),
@@ -211,6 +252,7 @@ class PerformerAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_hidden, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_hidden, bias=bias)
         self.o_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.fused_qkv: FusedProjection | None = None  # set by optimize_for_decoding
         self.dropout = nn.Dropout(config.attention_dropout)
         self.kind = global_attention_kind(config)
         self.feature_map: FeatureMap | None = None
@@ -241,15 +283,28 @@ class PerformerAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, N, d)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, N, d)
-        if self.kv_groups > 1:  # query head h uses key/value head h // kv_groups
-            k = k.repeat_interleave(self.kv_groups, dim=1)  # (B, H, N, d)
-            v = v.repeat_interleave(self.kv_groups, dim=1)
-        if position_embeddings is not None:
-            q = apply_rotary(q, *position_embeddings, self.first_rotary_head)
-            k = apply_rotary(k, *position_embeddings, self.first_rotary_head)
+        fused = self._fused_projection()
+        if fused is not None and self.kv_groups == 1 and self.first_rotary_head == 0:
+            # one matmul and one rotation for q and k together: a decode step is mostly per-op overhead
+            heads = self.num_global_heads + self.num_local_heads
+            qkv = fused(hidden_states).view(shape).transpose(1, 2)  # (B, 3H, N, d)
+            qk, v = qkv[:, : 2 * heads], qkv[:, 2 * heads:]  # (B, 2H, N, d), (B, H, N, d)
+            if position_embeddings is not None:
+                qk = apply_rotary(qk, *position_embeddings)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            if fused is not None:
+                q, k, v = (x.view(shape).transpose(1, 2) for x in fused.split(hidden_states))
+            else:
+                q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, N, d)
+                k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, N, d)
+                v = self.v_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, N, d)
+            if self.kv_groups > 1:  # query head h uses key/value head h // kv_groups
+                k = k.repeat_interleave(self.kv_groups, dim=1)  # (B, H, N, d)
+                v = v.repeat_interleave(self.kv_groups, dim=1)
+            if position_embeddings is not None:
+                q = apply_rotary(q, *position_embeddings, self.first_rotary_head)
+                k = apply_rotary(k, *position_embeddings, self.first_rotary_head)
         if position_ids is None:
             position_ids = torch.arange(length, device=q.device).expand(batch, length)
         g = self.num_global_heads
@@ -283,6 +338,19 @@ class PerformerAttention(nn.Module):
     def feature_index(self) -> int:
         """Which stream of ``feature_seed`` this module's features come from."""
         return self.layer_idx
+
+    def _fused_projection(self) -> FusedProjection | None:
+        """The fused q/k/v projection of ``optimize_for_decoding``, where it may stand in for the three: without
+        autograd (gradients belong to the three weights), and only while they are still its views (a moved or
+        cast model, or an adapter wrapping a projection, falls back to the three, and the stale fusion is
+        dropped)."""
+        fused = self.fused_qkv
+        if fused is None or torch.is_grad_enabled() or torch.compiler.is_compiling():  # compilers fuse themselves
+            return None
+        if not fused.views_of(self.q_proj, self.k_proj, self.v_proj):
+            self.fused_qkv = None
+            return None
+        return fused
 
 
 class PerformerCrossAttention(nn.Module):
@@ -573,12 +641,14 @@ class PerformerPreTrainedModel(PreTrainedModel):
         """The stock save, plus a model card (README.md with the ``custom_code`` tag and the architecture) when the
         folder has none, so a saved folder can be pushed to the Hub as it is. Weights laid out by
         ``optimize_for_decoding`` are written in the usual layout (and kept in theirs)."""
+        fused = _release_fused_projections(self)
         column_major = _column_major_weights(self)
         _to_row_major(column_major)
         try:
             result = super().save_pretrained(save_directory, *args, **kwargs)
         finally:
             _to_column_major(column_major)
+            _fuse_projections(fused)
         readme = os.path.join(save_directory, "README.md")
         if kwargs.get("is_main_process", True) and not os.path.exists(readme):
             try:
@@ -600,8 +670,11 @@ class PerformerPreTrainedModel(PreTrainedModel):
         once after loading. (``state_dict()`` then holds non-contiguous tensors; safetensors wants contiguous
         ones, so save through ``save_pretrained``.)"""
         if enabled:
+            _fuse_projections([m for m in self.modules() if isinstance(m, PerformerAttention) and m.fused_qkv is None
+                               and all(type(p) is nn.Linear for p in (m.q_proj, m.k_proj, m.v_proj))])
             _to_column_major([w for w in _linear_weights(self) if w.is_contiguous() and min(w.shape) > 1])
         else:
+            _release_fused_projections(self)
             _to_row_major(_column_major_weights(self))
         return self
 
@@ -657,6 +730,20 @@ def _to_column_major(weights: list[nn.Parameter]) -> None:
 def _to_row_major(weights: list[nn.Parameter]) -> None:
     for weight in weights:
         weight.data = weight.data.contiguous()
+
+
+def _fuse_projections(attentions: list[PerformerAttention]) -> None:
+    for attention in attentions:
+        attention.fused_qkv = FusedProjection(attention.q_proj, attention.k_proj, attention.v_proj)
+
+
+def _release_fused_projections(model: nn.Module) -> list[PerformerAttention]:
+    """Undo every ``FusedProjection`` (each projection contiguous again); returns the attentions that had one."""
+    released = [m for m in model.modules() if isinstance(m, PerformerAttention) and m.fused_qkv is not None]
+    for attention in released:
+        FusedProjection.release(attention.q_proj, attention.k_proj, attention.v_proj)
+        attention.fused_qkv = None
+    return released
 
 
 class PerformerModel(PerformerPreTrainedModel):

@@ -1,5 +1,7 @@
 """The recurrent cache against the uncached forward pass, through hand-stepped forwards and through generate()."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, TextStreamer, pipeline
@@ -306,7 +308,8 @@ def test_optimize_for_decoding_relays_weights_without_changing_what_the_model_co
     values = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert model.optimize_for_decoding() is model
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    # column-major: each weight's output index is its fast one (q, k and v as row blocks of one fused matrix)
+    assert linears and all(m.weight.stride(0) == 1 and not m.weight.is_contiguous() for m in linears)
     assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())  # the same numbers
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.get_input_embeddings().weight
@@ -315,7 +318,7 @@ def test_optimize_for_decoding_relays_weights_without_changing_what_the_model_co
     assert torch.equal(model.generate(ids[:1], max_new_tokens=8, do_sample=False), expected_tokens)
 
     model.save_pretrained(tmp_path)  # written in the usual layout, the model keeps its own
-    assert all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert all(m.weight.stride(0) == 1 and not m.weight.is_contiguous() for m in linears)
     loaded = PerformerForCausalLM.from_pretrained(tmp_path).eval()
     assert all(m.weight.is_contiguous() for m in loaded.modules() if isinstance(m, torch.nn.Linear))
     with torch.no_grad():
@@ -327,3 +330,42 @@ def test_optimize_for_decoding_relays_weights_without_changing_what_the_model_co
     model.optimize_for_decoding(False)
     assert all(m.weight.is_contiguous() for m in linears)
     assert all(torch.equal(p, values[name]) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])  # q and k rotated together; grouped keys and values split
+def test_the_fused_qkv_projection_decodes_as_the_three_do_and_steps_aside_when_it_must(monkeypatch, kv_heads):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_performer.modeling_performer import FusedProjection
+
+    model = seeded_lm(attention_bias=True, **({} if kv_heads is None else {"num_key_value_heads": kv_heads}))
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    calls = []
+    fused_call = FusedProjection.__call__
+    monkeypatch.setattr(FusedProjection, "__call__", lambda self, x: calls.append(x.shape) or fused_call(self, x))
+    model.optimize_for_decoding()
+    attention = model.model.layers[0].self_attn
+    assert attention.fused_qkv is not None
+    assert attention.q_proj.weight.data_ptr() == attention.fused_qkv.weight.data_ptr()  # views, not copies
+
+    expected_tokens = reference.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False), expected_tokens)
+    assert (1, 1, model.config.hidden_size) in calls  # the decode steps went through the fused matrix
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+    calls.clear()  # with autograd on, the three projections run, so their weights get gradients
+    model(ids, labels=ids).loss.backward()
+    reference(ids, labels=ids).loss.backward()
+    assert not calls
+    torch.testing.assert_close(attention.k_proj.weight.grad, reference.model.layers[0].self_attn.k_proj.weight.grad,
+                               atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    with torch.no_grad():  # a wrapped q_proj: the fusion would skip the adapter, so it steps aside
+        logits = lora(ids).logits
+        without_adapter = reference(ids).logits
+    assert attention.fused_qkv is None
+    assert (logits - without_adapter).abs().max() > 1e-3
