@@ -665,9 +665,10 @@ class PerformerPreTrainedModel(PreTrainedModel):
 
         A one-token decode step is a chain of matrix-vector products bound by reading the weights, and on CPU
         (MKL) a product streams this layout faster: 292 -> 207 us per 2048 x 512 weight, 1 thread, weights from
-        DRAM; it is GPT-2's Conv1D layout. Prefill (measured at 1024 tokens) and training run at the same speed,
-        outputs agree to float rounding, ``save_pretrained`` writes the usual layout. For CPU inference: call it
-        once after loading. (``state_dict()`` then holds non-contiguous tensors; safetensors wants contiguous
+        DRAM; it is GPT-2's Conv1D layout. Each self-attention's q, k and v weights also become row blocks of one
+        such matrix (``FusedProjection``), which a forward without autograd multiplies once, rotating q and k
+        together. Prefill (measured at 1024 tokens) and training run at the same speed, outputs agree to float
+        rounding, ``save_pretrained`` writes the usual layout. For CPU inference: call it once after loading. (``state_dict()`` then holds non-contiguous tensors; safetensors wants contiguous
         ones, so save through ``save_pretrained``.)"""
         if enabled:
             _fuse_projections([m for m in self.modules() if isinstance(m, PerformerAttention) and m.fused_qkv is None

@@ -10,6 +10,9 @@ Two custom ops, each a forward and a backward op, sharing one block machinery (`
   block by block inside the op, forward and backward (``ops.causal_exp_attention``), so no (B, H, N, m) feature
   tensor nor its gradient is ever allocated.
 
+On CPU with more than one torch thread, the head groups of a call (sequences of one or more heads, each carrying
+its own state through its token blocks) run as tasks on single-threaded workers (``HEAD_GROUP_TASKS``).
+
 The backward ops recompute every per-chunk quantity from q, k, v and one saved state per block of chunks, so no
 (N, m, d) tensor ever exists; being custom ops, their Python loops are opaque to torch.compile (nothing unrolls).
 Notation and the stabiliser as in ``ops.py``; ``ops_naive.py`` is the reference, ``ops_triton.py`` the same
