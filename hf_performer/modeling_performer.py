@@ -146,6 +146,11 @@ def sinusoidal_table(position_ids: torch.Tensor, dim: int, base: float = 10000.0
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def _heads(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Heads start:stop of x (B, H, N, d); x itself when that is all of them (a decode step counts its ops)."""
+    return x if start == 0 and stop == x.shape[1] else x[:, start:stop]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -314,15 +319,16 @@ class PerformerAttention(nn.Module):
             options = self.options
             if self.window_factor is not None:  # the parameter itself (loading may replace it), so it gets grads
                 options = dataclasses.replace(options, window_factor=self.window_factor)
-            out, state = attend(self.kind, q[:, :g], k[:, :g], v[:, :g], key_mask, position_ids, state, options,
-                                documents)
+            out, state = attend(self.kind, _heads(q, 0, g), _heads(k, 0, g), _heads(v, 0, g), key_mask, position_ids,
+                                state, options, documents)
             outputs.append(out)  # (B, g, N, d)
             if cache_layer is not None:
                 cache_layer.attention = state
         if self.num_local_heads > 0:
             state = None if cache_layer is None else cache_layer.local or WindowState()
-            out, state = attend("local", q[:, g:], k[:, g:], v[:, g:], key_mask, position_ids, state,
-                                self.local_options, documents)
+            heads = q.shape[1]
+            out, state = attend("local", _heads(q, g, heads), _heads(k, g, heads), _heads(v, g, heads), key_mask,
+                                position_ids, state, self.local_options, documents)
             outputs.append(out)  # (B, H - g, N, d)
             if cache_layer is not None:
                 cache_layer.local = state

@@ -531,6 +531,27 @@ def test_decode_fast_path_matches_quadratic(masked, empty):
     torch.testing.assert_close(kv, ref_kv)
 
 
+@pytest.mark.parametrize("shift", [-30.0, 30.0])
+def test_decode_step_keeps_or_rescales_the_state_with_the_same_result(shift):
+    """The state (kv, c) and (kv exp(c - c'), c') are the same sums. Raised by 30 nats no new key sets a new running
+    max (the one-pass update that keeps the old sums as they are); lowered by 30 every key does (the rescale)."""
+    torch.manual_seed(1)
+    b, h, d, m = 2, 3, 8, 16
+    projection = torch.randn(m, d, dtype=torch.float64) * 0.5
+    prompt = [torch.randn(b, h, 9, d, dtype=torch.float64) for _ in range(3)]
+    step = [torch.randn(b, h, 1, d, dtype=torch.float64) for _ in range(3)]
+    kwargs = dict(norm_coef=0.5, logit_offset=-1.0)
+    kv, c = ops.causal_exp_attention(*prompt, projection, **kwargs, implementation="chunked")[1]
+    shifted = (kv * torch.exp(-torch.tensor(shift, dtype=torch.float64)), c + shift)
+    ref, (ref_kv, ref_c) = ops.causal_exp_attention(*step, projection, **kwargs, initial_state=(kv, c),
+                                                    implementation="quadratic")
+    with torch.no_grad():
+        out, (kv1, c1) = ops.causal_exp_attention(*step, projection, **kwargs, initial_state=shifted)
+    assert torch.equal(c1, shifted[1]) == (shift > 0)  # which update ran
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(kv1 * torch.exp(c1 - ref_c)[..., None, None], ref_kv)
+
+
 def test_decode_fast_path_not_taken_with_gradients(monkeypatch):
     """Training through a state keeps the general (differentiable) paths."""
     from hf_performer import ops_decode
