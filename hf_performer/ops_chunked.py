@@ -21,6 +21,7 @@ algorithm as fused Triton kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -319,6 +320,20 @@ def _run_tasks(task, items: list, workers: int) -> None:
         future.result()
 
 
+def _without_autocast(impl):
+    """Run an op's implementation with autocast off, whoever calls it: autocast reaches inside a custom op (none is
+    registered for it), and it would run the in-cache products in bf16 against fp32 accumulators (an error), as
+    it would on the calling thread only, not on the workers."""
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return impl(*args, **kwargs)
+
+    return run
+
+
 def _exp_features(projection: Tensor, key_keep: Tensor | None, norm_coef: float, offset: float, groups: int,
                   heads: int, length: int, padded: int, ct: torch.dtype) -> _Features:
     """``_Features`` for (G, Np) padded inputs: the padding of the last chunk is no key, nor are the keys that
@@ -507,6 +522,7 @@ _NAMESPACE = re.sub(r"\W", "_", __name__)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@_without_autocast
 def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
     batch, heads, length, m = q.shape
     ct = _compute_dtype(q.dtype)
@@ -518,6 +534,7 @@ def _chunked_forward_impl(q, k, v, log_scale, kv0, c0, chunk):
     return _forward_outputs(batch, heads, length, out, normaliser, kv_end, c_end, block_states)
 
 
+@_without_autocast
 def _chunked_backward_impl(grad_out, grad_kv, q, k, v, log_scale, c0, out, normaliser, block_states, chunk):
     ct = _compute_dtype(q.dtype)
     q3, k3, v3, l3 = _flatten_inputs(q, k, v, log_scale, chunk)
@@ -597,6 +614,7 @@ def chunked_causal_attention(q: Tensor, k: Tensor, v: Tensor, log_scale: Tensor 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@_without_autocast
 def _exp_forward_impl(q, k, v, kv0, c0, chunk, projection, key_keep, norm_coef, offset):
     batch, heads, length, _ = q.shape
     ct = _compute_dtype(q.dtype)
@@ -612,6 +630,7 @@ def _exp_forward_impl(q, k, v, kv0, c0, chunk, projection, key_keep, norm_coef, 
     return (*outputs, c.view(batch, heads, padded))
 
 
+@_without_autocast
 def _exp_backward_impl(grad_out, grad_kv, q, k, v, c0, out, normaliser, block_states, running_max, chunk,
                        projection, key_keep, norm_coef, offset):
     heads, length = q.shape[1:3]

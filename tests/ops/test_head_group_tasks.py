@@ -105,6 +105,19 @@ def test_grad_and_inference_mode_reach_the_workers(two_threads, monkeypatch):
     torch.testing.assert_close(without_grad, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("tasks", [False, True])
+def test_autocast_around_the_op_changes_nothing_inside(two_threads, monkeypatch, tasks):
+    """CPU autocast (Trainer's bf16 on CPU) reaches inside a custom op on the calling thread only; the op turns it
+    off, so the in-loop products stay fp32 on every thread (they used to fail: bf16 into an fp32 accumulator)."""
+    run, inputs = _exp_op(torch.float32, True)
+    expected = _outputs_and_grads(run, inputs, tasks, monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _outputs_and_grads(run, inputs, tasks, monkeypatch)
+    for a, b in zip(autocast, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _child(queue):
     torch.set_num_threads(2)
     run, inputs = _exp_op(torch.float32, False)
