@@ -85,7 +85,7 @@ def _block_layout(groups: int, length: int, chunk: int, tasks: int = 1) -> tuple
     for the workers (``_head_group_tasks``). The tokens per block, hence the saved block states, depend on the
     length alone."""
     if length <= BLOCK_TOKENS:
-        return max(1, min(groups, BLOCK_TOKENS // length, -(-groups // tasks))), length
+        return max(1, min(groups, BLOCK_TOKENS // length, groups // tasks)), length
     return 1, max(1, BLOCK_TOKENS // chunk) * chunk
 
 
@@ -283,26 +283,30 @@ def _start_workers(workers: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _forget_workers():  # a forked child has none of its parent's threads
+def _forget_workers():  # a forked child has none of its parent's threads, and a lock held by one stays held
+    global _POOL_LOCK
     _POOLS.clear()
+    _POOL_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_workers)
 
 
-def _head_group_tasks(device: torch.device) -> int:
+def _head_group_tasks(device: torch.device, groups: int) -> int:
     """How many workers the chunk loop may run its head groups on: 1 (run them here, in turn) off the CPU, with one
-    torch thread, inside a worker, or with ``HEAD_GROUP_TASKS`` off."""
+    torch thread, with fewer sequences (B * H) than threads, inside a worker, or with ``HEAD_GROUP_TASKS`` off."""
     if not HEAD_GROUP_TASKS or device.type != "cpu" or getattr(_WORKER, "active", False):
         return 1
-    return torch.get_num_threads()
+    threads = torch.get_num_threads()
+    return threads if groups >= threads else 1
 
 
 def _run_tasks(task, items: list, workers: int) -> None:
-    """``task(item)`` for every item: in turn with one worker, else on the pool, grad and inference mode as here
-    (a new thread starts with autograd on: in-place writes into this op's outputs would be refused)."""
-    if workers <= 1 or len(items) <= 1:
+    """``task(item)`` for every item: on the pool, grad and inference mode as here (a new thread starts with
+    autograd on: in-place writes into this op's outputs would be refused); in turn, each op on all threads, with one
+    worker or fewer items than workers (8 heads of one sequence on 16 cores would leave half of them idle)."""
+    if workers <= 1 or len(items) < workers:
         for item in items:
             task(item)
         return
@@ -356,7 +360,7 @@ def _forward_blocks(q3, k3, v3, log_scale, c, c0, kv0, chunk: int, m: int, ct: t
     d = v3.shape[-1]
     out = torch.empty(g, padded, d, dtype=v3.dtype, device=v3.device)
     normaliser = torch.empty(g, padded, dtype=ct, device=v3.device)
-    workers = _head_group_tasks(v3.device)
+    workers = _head_group_tasks(v3.device, g)
     head_groups, spans = _head_groups(g, padded, chunk, workers)
     block_states = torch.empty(g, len(spans), m, d + 1, dtype=ct, device=v3.device)  # entering states
     kv0 = kv0.reshape(g, m, d + 1).to(ct)
@@ -418,7 +422,7 @@ def _backward_blocks(q3, k3, v3, log_scale, c, c0, grad_out, grad_kv, out, norma
     dv = torch.empty(g, padded, d, dtype=v3.dtype, device=v3.device)
     d_kv0 = torch.empty(g, m, d + 1, dtype=ct, device=q3.device)
     grad_kv = grad_kv.reshape(g, m, d + 1).to(ct)
-    workers = _head_group_tasks(q3.device)
+    workers = _head_group_tasks(q3.device, g)
     head_groups, spans = _head_groups(g, padded, chunk, workers)
 
     def run_head_group(heads_: slice):  # writes the group's rows of dq, dk, dv and d_kv0, nothing else

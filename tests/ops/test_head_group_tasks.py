@@ -83,6 +83,19 @@ def test_tasks_compute_what_the_groups_in_turn_do(two_threads, monkeypatch, op, 
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
+def test_fewer_groups_than_workers_run_in_turn_on_all_threads(two_threads, monkeypatch):
+    """One head group per sequence and only one sequence: a pool of two would leave a worker idle."""
+    q, k, v, projection = favor_inputs(batch=1, heads=1, length=45, d=5, m=7)
+    monkeypatch.setattr(ops_chunked, "BLOCK_TOKENS", 4096)
+    seen = set()
+    block_init = ops_chunked._Block.__init__
+    monkeypatch.setattr(ops_chunked._Block, "__init__",
+                        lambda self, *a, **kw: seen.add(threading.current_thread().name) or block_init(self, *a, **kw))
+    ops_chunked.chunked_exp_attention(q, k, v, projection, None, torch.zeros(1, 1, 7, 6, dtype=torch.float64),
+                                      torch.full((1, 1), ops_chunked.NEG_LOG_SCALE), 4, 0.2, 0.0)
+    assert seen == {threading.current_thread().name}
+
+
 def test_workers_are_single_threaded_and_the_caller_keeps_its_threads(two_threads):
     run, inputs = _exp_op(torch.float32, False)
     run(*inputs)
