@@ -218,8 +218,13 @@ class FusedProjection:
     def _pointers(*projections) -> tuple:
         return tuple((p.weight.data_ptr(), None if p.bias is None else p.bias.data_ptr()) for p in projections)
 
+    @staticmethod
+    def fusable(*projections) -> bool:
+        """Plain ``nn.Linear`` modules: an adapter (PEFT) wrapping one adds what the fused matrix would skip."""
+        return all(type(p) is nn.Linear for p in projections)
+
     def views_of(self, *projections) -> bool:
-        return all(type(p) is nn.Linear for p in projections) and self._pointers(*projections) == self.pointers
+        return self.fusable(*projections) and self._pointers(*projections) == self.pointers
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)  # (B, N, O)
@@ -674,11 +679,12 @@ class PerformerPreTrainedModel(PreTrainedModel):
         DRAM; it is GPT-2's Conv1D layout. Each self-attention's q, k and v weights also become row blocks of one
         such matrix (``FusedProjection``), which a forward without autograd multiplies once, rotating q and k
         together. Prefill (measured at 1024 tokens) and training run at the same speed, outputs agree to float
-        rounding, ``save_pretrained`` writes the usual layout. For CPU inference: call it once after loading. (``state_dict()`` then holds non-contiguous tensors; safetensors wants contiguous
-        ones, so save through ``save_pretrained``.)"""
+        rounding, ``save_pretrained`` writes the usual layout. For CPU inference: call it once after loading.
+        (``state_dict()`` then holds non-contiguous tensors; safetensors wants contiguous ones, so save through
+        ``save_pretrained``.)"""
         if enabled:
             _fuse_projections([m for m in self.modules() if isinstance(m, PerformerAttention) and m.fused_qkv is None
-                               and all(type(p) is nn.Linear for p in (m.q_proj, m.k_proj, m.v_proj))])
+                               and FusedProjection.fusable(m.q_proj, m.k_proj, m.v_proj)])
             _to_column_major([w for w in _linear_weights(self) if w.is_contiguous() and min(w.shape) > 1])
         else:
             _release_fused_projections(self)

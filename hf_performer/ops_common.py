@@ -24,7 +24,7 @@ def _append_ones(v: torch.Tensor) -> torch.Tensor:
 
 def _safe(normaliser: torch.Tensor) -> torch.Tensor:
     """A query that sees no key at all has normaliser 0; dividing by 1 instead makes its output 0."""
-    return torch.where(normaliser.abs() > 1e-30, normaliser, torch.ones_like(normaliser))
+    return torch.where(normaliser.abs() > 1e-30, normaliser, 1.0)
 
 
 def _output_gradients(grad_out: Tensor, out: Tensor, normaliser: Tensor, *, into: Tensor | None = None):

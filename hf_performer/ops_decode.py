@@ -49,8 +49,7 @@ def exp_decode_step(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, norm_co
     v_aug = F.pad(_as(v, ct), (0, 1), value=1.0).view(rows, 1, d + 1)  # (BH, 1, d+1)
     kv1 = _update(_as(kv, ct), c0, c1, k_weighted, v_aug)  # (B, H, m, d+1)
     out_aug = torch.bmm(q_features.view(rows, 1, m), kv1.view(rows, m, d + 1))  # (BH, 1, d+1)
-    normaliser = out_aug[..., d:]  # >= 0: positive features, non-negative weights
-    out = out_aug[..., :d] / torch.where(normaliser > 1e-30, normaliser, 1.0)  # no key seen yet: 0, as _safe
+    out = out_aug[..., :d] / _safe(out_aug[..., d:])  # no key seen yet: 0
     return _as(out.view(batch, heads, 1, d), v.dtype), kv1, c1
 
 
